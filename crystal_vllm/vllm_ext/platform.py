@@ -1,0 +1,169 @@
+"""Platform subclasses: the hooks through which crystal-vllm enters vLLM.
+
+vLLM calls a platform's ``pre_register_and_update(parser)`` while it builds the CLI
+(where we add ``--kv-policy`` & co.) and ``check_and_update_config(vllm_config)`` in
+every process that builds a ``VllmConfig`` (where the flags land in
+``additional_config`` and are validated, and where unsupported combinations fail
+closed before any model is loaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, ClassVar
+
+from vllm.logger import init_logger
+from vllm.platforms.cpu import CpuPlatform
+
+from crystal_vllm.config import (
+    DEFAULT_BUDGET,
+    NO_POLICY,
+    CrystalKVConfig,
+    parse_policy_config,
+    policy_names,
+)
+
+logger = init_logger(__name__)
+
+#: Policies the serving path can run today. Anything else refuses to start rather
+#: than silently serving full KV under another name.
+SERVABLE_POLICIES: frozenset[str] = frozenset()
+
+#: Values given on this process's command line, merged into ``additional_config``
+#: by ``check_and_update_config`` (the CLI parser runs in the front-end process,
+#: which is also where the ``VllmConfig`` that every other process receives is built).
+_cli_values: dict[str, Any] = {}
+
+ARG_GROUP = "CrystalKV"
+
+
+class _StoreForAdditionalConfig(argparse.Action):
+    """Store the flag normally and remember that the user gave it explicitly."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        _cli_values[self.dest] = values
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add the crystal-vllm flags to ``vllm serve`` (idempotent: vLLM calls it repeatedly)."""
+    if any("--kv-policy" in action.option_strings for action in parser._actions):
+        return
+    group = parser.add_argument_group(
+        ARG_GROUP,
+        description="Crystal-KV answer-first KV-cache eviction (crystal-vllm plugin). "
+        "See `--help=CrystalKV`.",
+    )
+    group.add_argument(
+        "--kv-policy",
+        action=_StoreForAdditionalConfig,
+        default=NO_POLICY,
+        choices=policy_names(),
+        help="KV-cache eviction policy. 'none' (default) is vanilla vLLM; 'full' runs the "
+        "crystal-vllm cache path without evicting; 'crystal' is Crystal-KV (attention-LRFU "
+        "with top-p hits and adaptive layer/head budgets); 'crystal-lite' is Crystal-KV with "
+        "uniform budgets; 'lru', 'streaming', 'h2o', 'snapkv' and 'rkv' are the baselines.",
+    )
+    group.add_argument(
+        "--kv-budget",
+        action=_StoreForAdditionalConfig,
+        type=int,
+        default=DEFAULT_BUDGET,
+        help="Average number of KV entries kept per layer and KV head of each request "
+        f"(an integer >= 1, default {DEFAULT_BUDGET}). Requests may ask for less with "
+        "the per-request `kv_budget` extra argument.",
+    )
+    group.add_argument(
+        "--kv-policy-config",
+        action=_StoreForAdditionalConfig,
+        type=str,
+        default=None,
+        help="JSON object with the policy's other parameters, e.g. "
+        '\'{"top_p": 0.9, "lam": 0.6, "realloc_interval": 64}\'. Unknown keys are '
+        "rejected. Keys: top_p, lam, gqa_reduce, realloc_interval, floor_ratio, "
+        "min_tokens, obs_window, protect_prompt, sinks, buffer, window, kernel (as the "
+        "policy uses them), think_end_token, debug_checks.",
+    )
+
+
+def merge_cli_values(additional_config: dict[str, Any]) -> dict[str, Any]:
+    """``additional_config`` with this process's explicit flags folded in.
+
+    A flag and an ``--additional-config`` entry that disagree are an error rather
+    than a silent precedence rule.
+    """
+    merged = dict(additional_config)
+    for dest, value in _cli_values.items():
+        key = dest if dest.startswith("kv_") else f"kv_{dest}"
+        if key == "kv_policy_config":
+            value = parse_policy_config(value)
+        if key in merged and merged[key] != value:
+            raise ValueError(
+                f"--{key.replace('_', '-')} {value!r} conflicts with additional_config "
+                f"{key}={merged[key]!r}; give it once"
+            )
+        merged[key] = value
+    return merged
+
+
+def _unsupported_reasons(vllm_config) -> list[str]:
+    """Combinations the per-head cache path does not handle (yet)."""
+    reasons = []
+    model_config = vllm_config.model_config
+    if vllm_config.speculative_config is not None:
+        reasons.append("speculative decoding")
+    if model_config is not None:
+        if getattr(model_config, "use_mla", False):
+            reasons.append("MLA attention models")
+        if model_config.get_sliding_window() is not None:
+            reasons.append("sliding-window attention models")
+        if model_config.is_hybrid:
+            reasons.append("hybrid (Mamba/linear-attention) models")
+        if model_config.is_encoder_decoder:
+            reasons.append("encoder-decoder models")
+    if vllm_config.cache_config.cache_dtype != "auto":
+        reasons.append(
+            f"quantised KV cache (--kv-cache-dtype {vllm_config.cache_config.cache_dtype})"
+        )
+    parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size > 1:
+        reasons.append("pipeline parallelism")
+    if parallel.tensor_parallel_size > 1:
+        reasons.append("tensor parallelism")
+    return reasons
+
+
+class CrystalPlatformMixin:
+    """Adds crystal-vllm to whichever built-in platform class it is mixed into."""
+
+    crystal_config: ClassVar[CrystalKVConfig | None] = None
+
+    @classmethod
+    def pre_register_and_update(cls, parser=None) -> None:
+        super().pre_register_and_update(parser)
+        if parser is not None:
+            add_cli_args(parser)
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config) -> None:
+        merged = merge_cli_values(dict(vllm_config.additional_config or {}))
+        config = CrystalKVConfig.from_additional_config(merged)
+        if config.enabled:
+            if config.policy not in SERVABLE_POLICIES:
+                raise ValueError(
+                    f"--kv-policy {config.policy!r} is not available yet in this build: the "
+                    "per-head eviction path has not landed. Use --kv-policy none."
+                )
+            reasons = _unsupported_reasons(vllm_config)
+            if reasons:
+                raise ValueError(
+                    f"--kv-policy {config.policy!r} does not support {', '.join(reasons)}; "
+                    "use --kv-policy none for this configuration"
+                )
+            vllm_config.additional_config = {**merged, **config.to_additional_config()}
+        cls.crystal_config = config
+        super().check_and_update_config(vllm_config)
+
+
+class CrystalCpuPlatform(CrystalPlatformMixin, CpuPlatform):
+    """vLLM's CPU platform plus crystal-vllm."""

