@@ -1,0 +1,119 @@
+"""Per-head paged KV operations with interchangeable implementations.
+
+Callers use the functions of this module; each forwards to the implementation chosen
+by the environment variable ``CRYSTAL_VLLM_OPS``:
+
+* ``auto`` (default): the first available of ``_AUTO_ORDER``;
+* ``torch``: the plain-torch reference (:mod:`crystal_vllm.ops.torch_ref`);
+* ``cpu`` / ``triton``: C++ and Triton kernels (not built yet).
+
+An implementation is a module that defines every name in ``OPS`` with the signatures
+of :mod:`crystal_vllm.ops.torch_ref`. The variable is read on every call so tests can
+switch implementations with ``monkeypatch.setenv``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+ENV_VAR = "CRYSTAL_VLLM_OPS"
+OPS = ("write_kv", "gather_kv", "paged_decode_attention", "move_entries")
+
+# name -> module implementing OPS; None marks a known name that is not built yet.
+_REGISTRY: dict[str, str | None] = {
+    "torch": "crystal_vllm.ops.torch_ref",
+    "cpu": None,
+    "triton": None,
+}
+_AUTO_ORDER = ("triton", "cpu", "torch")
+_loaded: dict[str, ModuleType | None] = {}
+
+
+def _load(name: str) -> ModuleType | None:
+    if name not in _loaded:
+        path = _REGISTRY[name]
+        _loaded[name] = importlib.import_module(path) if path is not None else None
+    return _loaded[name]
+
+
+def available() -> list[str]:
+    """Names of the implementations that can be used in this process."""
+    return [name for name in _REGISTRY if _load(name) is not None]
+
+
+def get_impl(name: str | None = None) -> ModuleType:
+    """The implementation module for ``name`` (default: the ``CRYSTAL_VLLM_OPS`` value)."""
+    if name is None:
+        name = os.environ.get(ENV_VAR, "auto")
+    name = name.strip().lower()
+    if name == "auto":
+        for candidate in _AUTO_ORDER:
+            module = _load(candidate)
+            if module is not None:
+                return module
+        raise RuntimeError(f"{ENV_VAR}=auto: no implementation is available")
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"{ENV_VAR}={name!r} is not a known implementation; "
+            f"choose one of {['auto', *_REGISTRY]}"
+        )
+    module = _load(name)
+    if module is None:
+        raise RuntimeError(
+            f"{ENV_VAR}={name!r}: that implementation is not available in this build; "
+            f"available: {available()}"
+        )
+    return module
+
+
+def write_kv(
+    kv_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    slots: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+) -> None:
+    """Scatter new K/V per head into their slots; see :func:`torch_ref.write_kv`."""
+    get_impl().write_kv(kv_pool, block_tables, slots, key, value)
+
+
+def gather_kv(
+    kv_pool: torch.Tensor, block_tables: torch.Tensor, num_slots: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read K and V of every slot; see :func:`torch_ref.gather_kv`."""
+    return get_impl().gather_kv(kv_pool, block_tables, num_slots)
+
+
+def paged_decode_attention(
+    query: torch.Tensor,
+    kv_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    valid: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention over per-head tables, with probabilities; see
+    :func:`torch_ref.paged_decode_attention`."""
+    return get_impl().paged_decode_attention(query, kv_pool, block_tables, valid, scale)
+
+
+def move_entries(
+    kv_pool: torch.Tensor, block_tables: torch.Tensor, src: torch.Tensor, dst: torch.Tensor
+) -> None:
+    """Apply a compaction plan to the K/V pool; see :func:`torch_ref.move_entries`."""
+    get_impl().move_entries(kv_pool, block_tables, src, dst)
+
+
+__all__ = [
+    "ENV_VAR",
+    "OPS",
+    "available",
+    "gather_kv",
+    "get_impl",
+    "move_entries",
+    "paged_decode_attention",
+    "write_kv",
+]

@@ -1,0 +1,66 @@
+"""Selection of the ops implementation through CRYSTAL_VLLM_OPS."""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+import pytest
+import torch
+
+from crystal_vllm import ops
+from crystal_vllm.ops import torch_ref
+
+
+@pytest.mark.parametrize("value", [None, "auto", "torch", " Torch "])
+def test_default_and_torch_select_reference(monkeypatch: pytest.MonkeyPatch, value: str | None):
+    if value is None:
+        monkeypatch.delenv(ops.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(ops.ENV_VAR, value)
+    assert ops.get_impl() is torch_ref
+    assert "torch" in ops.available()
+
+
+@pytest.mark.parametrize("name", ["cpu", "triton"])
+def test_missing_implementation_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, name: str):
+    monkeypatch.setenv(ops.ENV_VAR, name)
+    with pytest.raises(RuntimeError, match=f"{name}.*not available.*torch"):
+        ops.gather_kv(torch.zeros(1, 2, 1, 1), torch.zeros(1, 1, 1, dtype=torch.int32))
+
+
+def test_unknown_name_lists_choices(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(ops.ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match=r"'cuda'.*auto.*torch.*cpu.*triton"):
+        ops.get_impl()
+
+
+def test_public_functions_forward_to_selected_impl(monkeypatch: pytest.MonkeyPatch):
+    calls: list[tuple[str, tuple]] = []
+    fake = types.ModuleType("fake_ops")
+    for op in ops.OPS:
+        setattr(fake, op, lambda *args, _op=op: calls.append((_op, args)) or _op)
+    monkeypatch.setitem(ops._REGISTRY, "cpu", "fake_ops")
+    monkeypatch.setitem(ops._loaded, "cpu", fake)
+    monkeypatch.setenv(ops.ENV_VAR, "cpu")
+
+    assert ops.write_kv(1, 2, 3, 4, 5) is None
+    assert ops.gather_kv(1, 2) == "gather_kv"
+    assert ops.paged_decode_attention(1, 2, 3, 4, 0.5) == "paged_decode_attention"
+    ops.move_entries(1, 2, 3, 4)
+    assert calls == [
+        ("write_kv", (1, 2, 3, 4, 5)),
+        ("gather_kv", (1, 2, None)),
+        ("paged_decode_attention", (1, 2, 3, 4, 0.5)),
+        ("move_entries", (1, 2, 3, 4)),
+    ]
+    # auto prefers a compiled implementation once one is available.
+    monkeypatch.setenv(ops.ENV_VAR, "auto")
+    assert ops.get_impl() is fake
+
+
+def test_public_signatures_match_reference():
+    for op in ops.OPS:
+        public = inspect.signature(getattr(ops, op))
+        reference = inspect.signature(getattr(torch_ref, op))
+        assert list(public.parameters) == list(reference.parameters), op
