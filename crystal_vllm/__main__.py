@@ -1,0 +1,3 @@
+from crystal_vllm.cli import main
+
+raise SystemExit(main())

