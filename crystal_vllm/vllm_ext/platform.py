@@ -25,9 +25,8 @@ from crystal_vllm.config import (
 
 logger = init_logger(__name__)
 
-#: Policies the serving path can run today. Anything else refuses to start rather
-#: than silently serving full KV under another name.
-SERVABLE_POLICIES: frozenset[str] = frozenset()
+WORKER_CLS = "crystal_vllm.vllm_ext.model_runner.CrystalCPUWorker"
+BACKEND_CLS = "crystal_vllm.vllm_ext.backend.CrystalAttentionBackend"
 
 #: Values given on this process's command line, merged into ``additional_config``
 #: by ``check_and_update_config`` (the CLI parser runs in the front-end process,
@@ -137,6 +136,9 @@ class CrystalPlatformMixin:
     """Adds crystal-vllm to whichever built-in platform class it is mixed into."""
 
     crystal_config: ClassVar[CrystalKVConfig | None] = None
+    #: Policies this platform can serve. Anything else refuses to start rather than
+    #: silently serving full KV under another name.
+    servable_policies: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def pre_register_and_update(cls, parser=None) -> None:
@@ -149,10 +151,11 @@ class CrystalPlatformMixin:
         merged = merge_cli_values(dict(vllm_config.additional_config or {}))
         config = CrystalKVConfig.from_additional_config(merged)
         if config.enabled:
-            if config.policy not in SERVABLE_POLICIES:
+            if config.policy not in cls.servable_policies:
                 raise ValueError(
-                    f"--kv-policy {config.policy!r} is not available yet in this build: the "
-                    "per-head eviction path has not landed. Use --kv-policy none."
+                    f"--kv-policy {config.policy!r} is not available yet on the "
+                    f"{cls.device_name} platform: its per-head eviction path has not landed. "
+                    "Use --kv-policy none."
                 )
             reasons = _unsupported_reasons(vllm_config)
             if reasons:
@@ -161,9 +164,57 @@ class CrystalPlatformMixin:
                     "use --kv-policy none for this configuration"
                 )
             vllm_config.additional_config = {**merged, **config.to_additional_config()}
+            cls._configure_for_compression(vllm_config)
         cls.crystal_config = config
         super().check_and_update_config(vllm_config)
+
+    @classmethod
+    def _configure_for_compression(cls, vllm_config) -> None:
+        """Settings the per-head cache path relies on, each logged when it changes."""
+        cache_config, scheduler_config = vllm_config.cache_config, vllm_config.scheduler_config
+        if cache_config.enable_prefix_caching:
+            logger.info("crystal-vllm: prefix caching is off (evicted blocks are never shared)")
+            cache_config.enable_prefix_caching = False
+        # A prompt is compressed right after its prefill, which must see the whole prompt.
+        max_model_len = vllm_config.model_config.max_model_len
+        if scheduler_config.enable_chunked_prefill:
+            logger.info("crystal-vllm: chunked prefill is off (prompts are evicted whole)")
+            scheduler_config.enable_chunked_prefill = False
+        if scheduler_config.max_num_batched_tokens < max_model_len:
+            scheduler_config.max_num_batched_tokens = max_model_len
+        if vllm_config.parallel_config.worker_cls in ("auto", WORKER_CLS):
+            vllm_config.parallel_config.worker_cls = WORKER_CLS
+        else:
+            raise ValueError(
+                f"--kv-policy needs worker class {WORKER_CLS}, but --worker-cls is "
+                f"{vllm_config.parallel_config.worker_cls}"
+            )
+
+    @classmethod
+    def register_custom_kv_cache_specs(cls, vllm_config) -> None:
+        super().register_custom_kv_cache_specs(vllm_config)
+        from vllm.v1.kv_cache_interface import FullAttentionSpec
+        from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+        from crystal_vllm.vllm_ext.kv_spec import CrystalAttentionSpec, CrystalKVCacheManager
+
+        KVCacheSpecRegistry.register(
+            CrystalAttentionSpec, CrystalKVCacheManager, uniform_type_base_spec=FullAttentionSpec
+        )
+
+    @classmethod
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+        default = super().get_attn_backend_cls(
+            selected_backend, attn_selector_config, *args, **kwargs
+        )
+        if cls.crystal_config is not None and cls.crystal_config.enabled:
+            return BACKEND_CLS
+        return default
 
 
 class CrystalCpuPlatform(CrystalPlatformMixin, CpuPlatform):
     """vLLM's CPU platform plus crystal-vllm."""
+
+    servable_policies = frozenset(
+        ("full", "crystal", "crystal-lite", "lru", "streaming", "h2o", "snapkv", "rkv")
+    )

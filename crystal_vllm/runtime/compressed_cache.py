@@ -1,0 +1,405 @@
+"""One worker's compressed KV cache: the step lifecycle that ties a policy to the pool.
+
+The vLLM attention backend calls, per model step: :meth:`CompressedKVCache.begin_step`
+once (with the scheduled requests), :meth:`CompressedKVCache.attention` once per layer,
+:meth:`CompressedKVCache.end_step` once, and :meth:`CompressedKVCache.release` when a
+request finishes, is aborted or is preempted. Everything is keyed by request id; rows
+of the persistent state are assigned here and never leak to the caller.
+
+Order inside one decode step, per (layer, KV head) (ALGORITHM.md §2): write the new
+token's K/V into a free slot, attend over all entries including it, record the hits,
+evict down to the budget (the freed slot takes the next token).
+Prefill (never chunked: the platform turns chunked prefill off): causal attention over
+the prompt, then, per layer, a scratch policy state over all prompt tokens is warmed
+with the last ``obs_window`` queries and evicted down to the budget; only the kept
+entries are written to the request's slots.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from crystal_vllm import ops
+from crystal_vllm.cache import HeadBlockLayout, HeadBlockTables
+from crystal_vllm.policy import KVPolicy
+from crystal_vllm.policy.allocator import allocate_budgets
+
+logger = logging.getLogger(__name__)
+
+#: Budget used for heads that must not evict (requests past their think stage).
+NO_EVICTION = 1 << 40
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """One scheduled request of a model step, in batch order."""
+
+    req_id: str
+    num_new_tokens: int
+    num_computed_tokens: int
+    block_ids: Sequence[int]
+    budget: int
+    compress: bool = True
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_computed_tokens == 0
+
+
+@dataclass
+class CacheStats:
+    """Counters for observability (exported by the vLLM layer)."""
+
+    evictions: int = 0
+    reallocations: int = 0
+    prefill_evictions: int = 0
+    steps: int = 0
+
+
+@dataclass
+class _StepPlan:
+    decode_rows: torch.Tensor  # long [b]
+    decode_tokens: torch.Tensor  # long [b]: index of each decode row's token in the batch
+    decode_slots: torch.Tensor  # long [b, L, H]
+    decode_budgets: torch.Tensor  # long [b, L, H] (NO_EVICTION where not compressing)
+    prefills: list[tuple[int, int, int, int, bool]] = field(default_factory=list)
+    # (row, first token index, num tokens, first position, compress)
+
+
+class CompressedKVCache:
+    """Per-head paged KV entries of every running request of one worker."""
+
+    def __init__(
+        self,
+        policy: KVPolicy,
+        layout: HeadBlockLayout,
+        kv_pool: torch.Tensor,
+        *,
+        max_rows: int,
+        max_slots: int,
+        max_blocks_per_row: int,
+        num_q_heads: int,
+        scale: float,
+        debug_checks: bool = False,
+    ) -> None:
+        self.policy = policy
+        self.layout = layout
+        self.kv_pool = kv_pool
+        self.scale = scale
+        self.num_q_heads = num_q_heads
+        self.debug_checks = debug_checks
+        device = kv_pool.device
+        L, H, bs = layout.num_layers, layout.num_kv_heads, layout.block_size
+        self.max_head_blocks = math.ceil(max_slots / bs)
+        self.max_slots = self.max_head_blocks * bs
+        self.state = policy.init_state(max_rows, L, H, self.max_slots, device)
+        self.tables = HeadBlockTables(
+            layout, max_rows, max_blocks_per_row, self.max_head_blocks, device=device
+        )
+        self.budgets = torch.zeros(max_rows, L, H, dtype=torch.long, device=device)
+        self.stats = CacheStats()
+        self._rows: dict[str, int] = {}
+        self._free_rows = list(range(max_rows - 1, -1, -1))
+        self._blocks_seen: dict[str, int] = {}
+        self._plan: _StepPlan | None = None
+
+    # -- request lifecycle -------------------------------------------------------------
+
+    def release(self, req_id: str) -> None:
+        """Forget a request (finished, aborted or preempted): its head-blocks go back."""
+        row = self._rows.pop(req_id, None)
+        if row is None:
+            return
+        rows = torch.tensor([row], device=self.budgets.device)
+        self.tables.release(rows)
+        self.policy.reset(self.state, rows)
+        self._blocks_seen.pop(req_id, None)
+        self._free_rows.append(row)
+
+    def _row_for(self, request: StepRequest) -> int:
+        if request.is_prefill and request.req_id in self._rows:
+            self.release(request.req_id)  # resumed after preemption: vLLM re-prefills
+        row = self._rows.get(request.req_id)
+        if row is None:
+            if not self._free_rows:
+                raise RuntimeError("more running requests than rows (max_num_seqs)")
+            row = self._free_rows.pop()
+            self._rows[request.req_id] = row
+            self._blocks_seen[request.req_id] = 0
+        seen = self._blocks_seen[request.req_id]
+        if len(request.block_ids) > seen:
+            self.tables.add_blocks(row, list(request.block_ids[seen:]))
+            self._blocks_seen[request.req_id] = len(request.block_ids)
+        return row
+
+    # -- step lifecycle -----------------------------------------------------------------
+
+    def begin_step(self, batch: Sequence[StepRequest]) -> None:
+        """Assign rows and slots for this step's new tokens."""
+        device = self.budgets.device
+        L, H = self.layout.num_layers, self.layout.num_kv_heads
+        decode_rows, decode_tokens, decode_positions, decode_compress = [], [], [], []
+        prefills = []
+        token = 0
+        for request in batch:
+            row = self._row_for(request)
+            if request.is_prefill:
+                prefills.append(
+                    (row, token, request.num_new_tokens, 0, request.compress, request.budget)
+                )
+            elif request.num_new_tokens == 1:
+                decode_rows.append(row)
+                decode_tokens.append(token)
+                decode_positions.append(request.num_computed_tokens)
+                decode_compress.append(request.compress)
+            else:
+                raise RuntimeError(
+                    f"request {request.req_id}: {request.num_new_tokens} new tokens after "
+                    f"{request.num_computed_tokens} computed; chunked prefill and speculative "
+                    "decoding are not supported with a KV policy"
+                )
+            token += request.num_new_tokens
+
+        if prefills:
+            rows = torch.tensor([p[0] for p in prefills], device=device)
+            budgets = torch.tensor([p[5] for p in prefills], device=device)
+            self.budgets[rows] = budgets[:, None, None]
+            self.policy.reset(self.state, rows)
+            counts = torch.tensor(
+                [min(p[2], self._slots_for(p[5]) if p[4] else p[2]) for p in prefills],
+                device=device,
+            )
+            self.tables.assign_prefill_slots(rows, counts[:, None, None].expand(-1, L, H))
+
+        rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
+        slots = torch.zeros(len(decode_rows), L, H, dtype=torch.long, device=device)
+        if decode_rows:
+            self.policy.begin_step(self.state, rows)
+            need = torch.ones(len(decode_rows), L, H, dtype=torch.bool, device=device)
+            slots = self.tables.assign_slots(rows, self.state.valid, need)
+            new = F.one_hot(slots, self.max_slots).bool()
+            positions = torch.tensor(decode_positions, device=device)
+            self.policy.insert(self.state, rows, new, positions[:, None, None, None].expand_as(new))
+        budgets = self.budgets[rows].clone()
+        compress = torch.tensor(decode_compress, dtype=torch.bool, device=device)
+        budgets[~compress] = NO_EVICTION
+        self._plan = _StepPlan(
+            decode_rows=rows,
+            decode_tokens=torch.tensor(decode_tokens, dtype=torch.long, device=device),
+            decode_slots=slots,
+            decode_budgets=budgets,
+            prefills=[p[:5] for p in prefills],
+        )
+
+    def _slots_for(self, budget: int) -> int:
+        return min(self.policy.max_resident(budget), self.max_slots)
+
+    def attention(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention output ``[tokens, Hq, D]`` for this step's tokens at ``layer``."""
+        plan = self._plan
+        if plan is None:
+            raise RuntimeError("attention() called outside begin_step()/end_step()")
+        out = torch.empty_like(query)
+        if plan.decode_rows.numel():
+            out[plan.decode_tokens] = self._decode_layer(layer, plan, query, key, value)
+        for row, start, count, first_position, compress in plan.prefills:
+            tokens = slice(start, start + count)
+            out[tokens] = self._prefill_layer(
+                row, layer, query[tokens], key[tokens], value[tokens], first_position, compress
+            )
+        return out
+
+    @property
+    def in_step(self) -> bool:
+        """Whether begin_step() has run and end_step() has not."""
+        return self._plan is not None
+
+    def end_step(self) -> None:
+        """Step bookkeeping after the last layer: budget reallocation, invariants."""
+        plan, self._plan = self._plan, None
+        self.stats.steps += 1
+        if plan is not None and self.policy.adaptive_budgets and plan.decode_rows.numel():
+            self._reallocate(plan)
+        if self.debug_checks:
+            self.check_invariants()
+
+    # -- decode -------------------------------------------------------------------------
+
+    def _decode_layer(self, layer, plan, query, key, value) -> torch.Tensor:
+        rows, tokens = plan.decode_rows, plan.decode_tokens
+        tables = self.tables.block_tables[rows, layer]
+        slots = plan.decode_slots[:, layer, :, None]
+        ops.write_kv(self.kv_pool, tables, slots, key[tokens, None], value[tokens, None])
+        valid = self.state.valid[rows, layer]
+        out, probs = ops.paged_decode_attention(
+            query[tokens], self.kv_pool, tables, valid, self.scale
+        )
+        layer_state = self.state.layer(layer)
+        self.policy.observe(layer_state, rows, probs[:, None])
+        keys = None
+        if self.policy.needs_keys:
+            keys = ops.gather_kv(self.kv_pool, tables, self.max_slots)[0][:, None].float()
+        evict = self.policy.select_evictions(
+            layer_state, rows, plan.decode_budgets[:, layer : layer + 1], keys=keys
+        )
+        self.policy.remove(layer_state, rows, evict)
+        self.stats.evictions += int(evict.sum())
+        return out
+
+    # -- prefill ------------------------------------------------------------------------
+
+    def _prefill_layer(self, row, layer, query, key, value, first_position, compress):
+        count, num_kv_heads, _ = key.shape
+        group = query.shape[1] // num_kv_heads
+        k = key.transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, T, D]
+        v = value.transpose(0, 1).repeat_interleave(group, dim=0)
+        q = query.transpose(0, 1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        kept, scratch = self._select_prompt_entries(
+            row, layer, query, key, first_position, compress
+        )
+        self._store_prompt_entries(row, layer, kept, scratch, key, value)
+        return out.transpose(0, 1)
+
+    def _select_prompt_entries(self, row, layer, query, key, first_position, compress):
+        """Warm a scratch state over the whole prompt and evict it down to the budget."""
+        policy, device = self.policy, key.device
+        count, num_kv_heads, _ = key.shape
+        scratch = policy.init_state(1, 1, num_kv_heads, count, device)
+        first = torch.zeros(1, dtype=torch.long, device=device)
+        positions = torch.arange(count, device=device) + first_position
+        policy.insert(
+            scratch,
+            first,
+            torch.ones(1, 1, num_kv_heads, count, dtype=torch.bool, device=device),
+            positions.expand(1, 1, num_kv_heads, count),
+            prefill=True,
+        )
+        window = min(policy.obs_window, count)
+        if window:
+            probs = self._prompt_query_probs(query[-window:], key, count - window)
+            for w in range(window):
+                policy.begin_step(scratch, first)
+                policy.observe(scratch, first, probs[w][None, None])
+        if compress:
+            budgets = self.budgets[row, layer][None, None]
+            keys = key.transpose(0, 1)[None, None].float() if policy.needs_keys else None
+            evict = policy.select_evictions(scratch, first, budgets, keys=keys)
+            policy.remove(scratch, first, evict)
+            self.stats.prefill_evictions += int(evict.sum())
+        return scratch.valid[0, 0], scratch
+
+    def _prompt_query_probs(self, queries, key, first_query) -> torch.Tensor:
+        """Causal attention probabilities ``[W, Hq, T]`` of the last prompt queries."""
+        group = queries.shape[1] // key.shape[1]
+        k = key.float().repeat_interleave(group, dim=1)  # [T, Hq, D]
+        scores = torch.einsum("whd,thd->wht", queries.float(), k) * self.scale
+        query_pos = torch.arange(queries.shape[0], device=key.device) + first_query
+        future = torch.arange(key.shape[0], device=key.device)[None, :] > query_pos[:, None]
+        scores = scores.masked_fill(future[:, None, :], float("-inf"))
+        return scores.softmax(dim=-1)
+
+    def _store_prompt_entries(self, row, layer, kept, scratch, key, value) -> None:
+        """Write the kept prompt entries to slots ``0..k-1`` of each head, state included."""
+        num_kept = kept.sum(dim=-1)  # [H]
+        width = int(num_kept.max())
+        if width > self.max_slots:
+            raise RuntimeError(f"prefill keeps {width} entries, more than {self.max_slots} slots")
+        # Kept entries first, in position order (stable sort of the "not kept" flag).
+        order = torch.sort((~kept).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+        slot_ids = torch.arange(width, device=key.device)
+        in_use = slot_ids[None, :] < num_kept[:, None]  # [H, width]
+        dst = torch.where(in_use, slot_ids[None, :], torch.full_like(order, -1))
+        heads = torch.arange(key.shape[1], device=key.device)[:, None]
+        k_sel = key[order, heads].transpose(0, 1)  # [width, H, D]
+        v_sel = value[order, heads].transpose(0, 1)
+        tables = self.tables.block_tables[row : row + 1, layer]
+        ops.write_kv(self.kv_pool, tables, dst[None], k_sel[None], v_sel[None])
+        for name in scratch.entry_fields():
+            source = getattr(scratch, name)[0, 0]  # [H, T, ...]
+            index = order.reshape(order.shape + (1,) * (source.dim() - 2)).expand(
+                order.shape + source.shape[2:]
+            )
+            picked = torch.gather(source, 1, index)
+            target = getattr(self.state, name)[row, layer, :, :width]
+            mask = in_use.reshape(in_use.shape + (1,) * (picked.dim() - 2))
+            getattr(self.state, name)[row, layer, :, :width] = torch.where(mask, picked, target)
+        self.state.step[row] = scratch.step[0]
+
+    # -- adaptive budgets (Algorithm 2) ---------------------------------------------------
+
+    def _reallocate(self, plan: _StepPlan) -> None:
+        config = self.policy.config
+        rows = plan.decode_rows
+        steps = self.state.step[rows]
+        due = (steps % config.realloc_interval == 0) & (plan.decode_budgets[:, 0, 0] < NO_EVICTION)
+        held = self.state.valid[rows].sum(dim=-1)
+        due &= (held >= self.budgets[rows]).all(dim=-1).all(dim=-1)  # cache has filled
+        if not bool(due.any()):
+            return
+        rows = rows[due]
+        budgets = self.budgets[rows]
+        total = budgets.sum(dim=(1, 2))
+        new_budgets = allocate_budgets(
+            self.policy.head_utilisation(self.state, rows),
+            budgets,
+            total,
+            floor_ratio=config.floor_ratio,
+            min_tokens=config.min_tokens,
+            max_per_head=self.max_slots - 1,
+        )
+        self.budgets[rows] = new_budgets
+        evict = self.policy.select_evictions(self.state, rows, new_budgets)
+        self.policy.remove(self.state, rows, evict)
+        self.stats.evictions += int(evict.sum())
+        self.stats.reallocations += int(rows.numel())
+        keep_blocks = torch.div(
+            new_budgets + 1 + self.layout.block_size - 1,
+            self.layout.block_size,
+            rounding_mode="floor",
+        )
+        self._compact(rows, keep_blocks)
+
+    def _compact(self, rows: torch.Tensor, keep_blocks: torch.Tensor) -> None:
+        """Move entries out of surplus head-blocks and give those back to the row's pool."""
+        plan = self.tables.plan_shrink(rows, self.state.valid, keep_blocks)
+        if plan.num_moves == 0:
+            return
+        ops.move_entries(self.kv_pool, plan.block_tables, plan.src, plan.dst)
+        for name in self.state.entry_fields():
+            # Stale values left in vacated slots are harmless once `valid` is False there.
+            plan.apply(getattr(self.state, name), fill=False if name == "valid" else None)
+
+    # -- checks -------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Debug switch: table consistency and budget bounds after a step."""
+        self.tables.check_invariants(self.state.valid)
+        if not self._rows:
+            return
+        rows = torch.tensor(sorted(self._rows.values()), device=self.budgets.device)
+        held = self.state.valid[rows].sum(dim=-1)
+        bound = torch.tensor(
+            [self.policy.max_resident(int(b)) for b in self.budgets[rows].flatten().tolist()],
+            device=held.device,
+        ).view_as(held)
+        if bool((held > bound).any()):
+            raise AssertionError("a head holds more entries than its budget allows")
+
+    def held_entries(self, req_id: str) -> torch.Tensor:
+        """Entries each (layer, KV head) of a request holds now: ``[L, H]``."""
+        return self.state.valid[self._rows[req_id]].sum(dim=-1)
+
+    def kept_positions(self, req_id: str, layer: int, head: int) -> list[int]:
+        """Logical positions a head holds, sorted (for tests and debugging)."""
+        row = self._rows[req_id]
+        valid = self.state.valid[row, layer, head]
+        return sorted(self.state.position[row, layer, head][valid].tolist())

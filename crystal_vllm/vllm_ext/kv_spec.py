@@ -1,0 +1,136 @@
+"""Scheduler side: a KV-cache spec and manager that cap the blocks a request holds.
+
+vLLM's block accounting stays as it is; the manager only decides how many blocks a
+request may hold: like full attention until its resident tokens reach the policy's
+bound for its budget, then no more (ARCHITECTURE.md §3). The rule reads token counts
+only, so it is deterministic and needs no feedback from the worker, which mirrors it.
+After a think-end token the request grows again, one token per token, for the answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+
+def cap_blocks(max_resident: int, block_size: int, adaptive: bool) -> int:
+    """vLLM blocks one request may hold while it is compressed.
+
+    Each head holds at most ``max_resident`` entries. With uniform budgets every head
+    needs ``ceil(max_resident / block_size)`` head-blocks, which one row of vLLM blocks
+    provides. With adaptive budgets heads round up separately, which costs at most one
+    head-block per head: one more vLLM block (each block is one head-block per head).
+    """
+    return cdiv(max_resident, block_size) + (1 if adaptive else 0)
+
+
+def request_cap_blocks(policy, budget: int, block_size: int, max_model_len: int) -> int:
+    """The cap for one request with ``budget``, never more than its whole sequence needs."""
+    resident = min(policy.max_resident(budget), max_model_len)
+    return min(
+        cap_blocks(resident, block_size, policy.adaptive_budgets), cdiv(max_model_len, block_size)
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CrystalAttentionSpec(FullAttentionSpec):
+    """Full attention whose requests are capped at ``max_blocks_per_request`` blocks.
+
+    The backing buffer is handed to the backend raw (``has_layer_views`` False) so that
+    it can be addressed as one pool of per-(layer, KV head) head-blocks.
+    """
+
+    max_blocks_per_request: int = 0
+
+    @property
+    def has_layer_views(self) -> bool:
+        return False
+
+    @property
+    def prefix_cacheable(self) -> bool:
+        # Evicted entries are overwritten in place: a block can never be shared.
+        return False
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        return min(
+            super().max_memory_usage_bytes(vllm_config),
+            self.max_blocks_per_request * self.page_size_bytes,
+        )
+
+    @classmethod
+    def merge(cls, specs: list[CrystalAttentionSpec]) -> CrystalAttentionSpec:
+        # FullAttentionSpec.merge rebuilds the object and would drop our field.
+        merged = super().merge(specs)
+        caps = {spec.max_blocks_per_request for spec in specs}
+        if len(caps) != 1:
+            raise ValueError(f"layers of one KV-cache group disagree on the cap: {caps}")
+        return dataclasses.replace(merged, max_blocks_per_request=caps.pop())
+
+
+class CrystalKVCacheManager(FullAttentionManager):
+    """Grants blocks like full attention, up to each request's cap.
+
+    Per-request caps (a request may ask for a smaller budget) and think-stage ends are
+    told to the manager by :class:`~crystal_vllm.vllm_ext.scheduler.CrystalScheduler`,
+    which sees the ``Request`` objects; the manager itself only sees request ids.
+    """
+
+    def __init__(self, kv_cache_spec: CrystalAttentionSpec, *args, **kwargs) -> None:
+        super().__init__(kv_cache_spec, *args, **kwargs)
+        self.default_cap_tokens = kv_cache_spec.max_blocks_per_request * kv_cache_spec.block_size
+        self._cap_tokens: dict[str, int] = {}
+        self._think_end_at: dict[str, int] = {}
+
+    def set_request_cap(self, request_id: str, max_blocks: int) -> None:
+        self._cap_tokens[request_id] = max_blocks * self.block_size
+
+    def end_think_stage(self, request_id: str, num_tokens: int) -> None:
+        """From ``num_tokens`` on, every new token needs a slot of its own again."""
+        self._think_end_at.setdefault(request_id, num_tokens)
+
+    def resident_tokens(self, request_id: str, num_tokens: int) -> int:
+        """Token slots the request needs when its sequence is ``num_tokens`` long."""
+        cap = self._cap_tokens.get(request_id, self.default_cap_tokens)
+        end = self._think_end_at.get(request_id)
+        if end is None:
+            return min(num_tokens, cap)
+        return min(num_tokens, cap + max(num_tokens - end, 0))
+
+    def get_num_blocks_to_allocate(
+        self,
+        request_id: str,
+        num_tokens: int,
+        new_computed_blocks,
+        total_computed_tokens: int,
+        num_local_computed_tokens: int,
+        num_tokens_main_model: int,
+        apply_admission_cap: bool = False,
+        prefill_end: int = 0,
+    ) -> int:
+        # Must clamp here too: allocate_slots compares this demand with the free blocks,
+        # and an uncapped demand would leave a long request unschedulable forever.
+        return super().get_num_blocks_to_allocate(
+            request_id,
+            self.resident_tokens(request_id, num_tokens),
+            new_computed_blocks,
+            total_computed_tokens,
+            num_local_computed_tokens,
+            self.resident_tokens(request_id, num_tokens_main_model),
+            apply_admission_cap=apply_admission_cap,
+            prefill_end=prefill_end,
+        )
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
+        return super().allocate_new_blocks(
+            request_id,
+            self.resident_tokens(request_id, num_tokens),
+            self.resident_tokens(request_id, num_tokens_main_model),
+        )
+
+    def free(self, request_id: str) -> None:
+        super().free(request_id)
+        self._cap_tokens.pop(request_id, None)
+        self._think_end_at.pop(request_id, None)
