@@ -1,0 +1,56 @@
+"""Scoring and selection for KV-cache eviction: Crystal-KV and the baselines.
+
+Pure torch on batched ``[rows, layers, kv_heads, slots]`` tensors; no vLLM import. See
+``docs/algorithm.md`` for how this package resolves ALGORITHM.md.
+"""
+
+from crystal_vllm.policy.allocator import allocate_budgets
+from crystal_vllm.policy.base import UNBOUNDED, KVPolicy, PolicyState
+from crystal_vllm.policy.baselines import FullPolicy, H2OPolicy, StreamingPolicy
+from crystal_vllm.policy.configs import (
+    CrystalConfig,
+    FullConfig,
+    H2OConfig,
+    LRFUConfig,
+    LRUConfig,
+    RKVConfig,
+    SnapKVConfig,
+    StreamingConfig,
+)
+from crystal_vllm.policy.lrfu import CrystalPolicy, LRFUPolicy, LRUPolicy
+from crystal_vllm.policy.registry import (
+    POLICY_NAMES,
+    make_policy,
+    policy_class,
+    policy_param_names,
+)
+from crystal_vllm.policy.topp import top_p_mask
+from crystal_vllm.policy.windowed import RKVPolicy, SnapKVPolicy
+
+__all__ = [
+    "POLICY_NAMES",
+    "UNBOUNDED",
+    "CrystalConfig",
+    "CrystalPolicy",
+    "FullConfig",
+    "FullPolicy",
+    "H2OConfig",
+    "H2OPolicy",
+    "KVPolicy",
+    "LRFUConfig",
+    "LRFUPolicy",
+    "LRUConfig",
+    "LRUPolicy",
+    "PolicyState",
+    "RKVConfig",
+    "RKVPolicy",
+    "SnapKVConfig",
+    "SnapKVPolicy",
+    "StreamingConfig",
+    "StreamingPolicy",
+    "allocate_budgets",
+    "make_policy",
+    "policy_class",
+    "policy_param_names",
+    "top_p_mask",
+]

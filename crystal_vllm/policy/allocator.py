@@ -1,0 +1,121 @@
+"""Adaptive layer/head budget allocation (paper Algorithm 2, ALGORITHM.md §3).
+
+Per request: ``eta_l = sum_h S[l,h] / sum_h B[l,h]`` gives layer ``l`` the share
+``B_l = total * eta_l / sum_l eta_l``; within the layer, ``eta_lh = S[l,h] / B[l,h]`` gives
+head ``h`` the share ``B_l * eta_lh / sum_h eta_lh``. The real-valued targets are then
+clamped to ``[floor, max_per_head]`` by water-filling (one common scale on the targets, so
+the result stays proportional to them wherever no bound binds) and rounded with the
+largest-remainder method so that the integers sum to ``total`` exactly.
+
+Infeasible totals (documented behaviour, never an error):
+
+* ``total < floor * L * H``: the floor is lowered to ``total // (L * H)`` for that request.
+* ``total > max_per_head * L * H``: every head gets ``max_per_head``; the sum is below
+  ``total`` (the quota cannot hold more).
+* A request with no utilisation at all (every ``S`` is 0) is split uniformly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Bisection steps for the water-filling scale: float64 resolves it long before this.
+_BISECTION_STEPS = 64
+
+
+def allocate_budgets(
+    utilisation: torch.Tensor,
+    budgets: torch.Tensor,
+    total: torch.Tensor,
+    *,
+    floor_ratio: float,
+    min_tokens: int,
+    max_per_head: int | torch.Tensor,
+) -> torch.Tensor:
+    """New integer budgets ``[b, L, H]`` for ``utilisation`` ``S`` and current ``budgets``.
+
+    ``total`` is ``[b]`` (``B * L * H`` per request); the floor per head is
+    ``max(ceil(floor_ratio * total / (L * H)), min_tokens)``. ``max_per_head`` is an int or a
+    ``[b]`` tensor (what the request's memory quota can hold per head).
+    """
+    if utilisation.shape != budgets.shape or utilisation.dim() != 3:
+        raise ValueError(
+            f"utilisation and budgets must both be [b, L, H], got {tuple(utilisation.shape)} "
+            f"and {tuple(budgets.shape)}"
+        )
+    b, num_layers, num_heads = utilisation.shape
+    n = num_layers * num_heads
+    device = utilisation.device
+    total = torch.as_tensor(total, dtype=torch.int64, device=device).expand(b)
+    cap = torch.as_tensor(max_per_head, dtype=torch.int64, device=device).expand(b)
+    if (total < 0).any() or (cap < 0).any():
+        raise ValueError("total and max_per_head must be >= 0")
+
+    floor = torch.clamp_min(torch.ceil(floor_ratio * total.double() / n).long(), min_tokens)
+    floor = torch.minimum(torch.minimum(floor, total // n), cap)
+
+    target = _algorithm2(utilisation.double(), budgets.double(), total.double())
+    real = _water_fill(target.view(b, n), floor.double(), cap.double(), total.double())
+    return _largest_remainder(real, total, cap).view(b, num_layers, num_heads)
+
+
+def _algorithm2(s: torch.Tensor, budgets: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Real-valued targets ``[b, L, H]`` summing to ``total`` (uniform when ``S == 0``)."""
+    b_safe = budgets.clamp_min(1.0)
+    eta_layer = s.sum(-1) / b_safe.sum(-1)  # [b, L]
+    layer_share = _share(eta_layer, total.unsqueeze(-1))  # [b, L]
+    eta_head = s / b_safe  # [b, L, H]
+    head = _share(eta_head, layer_share.unsqueeze(-1))
+    uniform = (total / s[0].numel()).view(-1, 1, 1).expand_as(head)
+    return torch.where((eta_layer.sum(-1) > 0).view(-1, 1, 1), head, uniform)
+
+
+def _share(weight: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
+    """``amount * weight / sum(weight)`` along the last dim, 0 where the sum is 0."""
+    denom = weight.sum(-1, keepdim=True)
+    return torch.where(denom > 0, amount * weight / denom.clamp_min(1e-300), 0.0)
+
+
+def _water_fill(
+    weight: torch.Tensor, low: torch.Tensor, high: torch.Tensor, total: torch.Tensor
+) -> torch.Tensor:
+    """``clamp(scale * weight, low, high)`` per row with ``scale`` chosen so the row sums to
+    ``total`` (or as close as the bounds allow); the sum is nondecreasing in ``scale``.
+
+    Heads with zero weight would stay at ``low`` for any scale; when that leaves the row
+    short, a second fill raises every head towards a common level instead.
+    """
+    low, high, total = low.unsqueeze(-1), high.unsqueeze(-1), total.unsqueeze(-1)
+    positive = torch.where(weight > 0, weight, torch.inf).amin(-1, keepdim=True)
+    hi_scale = torch.where(torch.isfinite(positive), high / positive, 0.0).clamp_min(1.0)
+    filled = _bisect(lambda s: torch.minimum(torch.maximum(s * weight, low), high), hi_scale, total)
+    level = _bisect(lambda s: torch.minimum(torch.maximum(s, filled), high), high, total)
+    return torch.where(filled.sum(-1, keepdim=True) < total, level, filled)
+
+
+def _bisect(fill, hi: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``fill(s)`` at the smallest ``s`` in ``[0, hi]`` (to float64 precision) with
+    ``sum(fill(s)) >= total``, or ``fill(hi)`` when none reaches it."""
+    lo = torch.zeros_like(hi)
+    for _ in range(_BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        enough = fill(mid).sum(-1, keepdim=True) >= total
+        hi = torch.where(enough, mid, hi)
+        lo = torch.where(enough, lo, mid)
+    return fill(hi)
+
+
+def _largest_remainder(real: torch.Tensor, total: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """Round ``real [b, n]`` down, then hand the missing units to the largest fractional parts
+    (ties: lower head index) among heads still below ``cap``."""
+    # The bisection may overshoot the exact solution by a few ulps: trim before flooring.
+    base = torch.floor(real + 1e-9).long()
+    base = torch.minimum(base, cap.unsqueeze(-1))
+    missing = (total - base.sum(-1)).clamp_min(0)
+    frac = torch.where(base < cap.unsqueeze(-1), real - base, -torch.inf)
+    order = frac.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(real.shape[-1], device=real.device).expand_as(order)
+    )
+    extra = (rank < missing.unsqueeze(-1)) & (base < cap.unsqueeze(-1))
+    return base + extra.long()

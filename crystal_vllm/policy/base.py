@@ -1,0 +1,221 @@
+"""The contract every KV eviction policy implements, and the state it works on.
+
+A policy sees a batch of persistent request rows, each holding per-(layer, KV head) slots.
+All per-entry tensors have shape ``[R, L, H, S]`` (rows, layers, KV heads, slots) and are
+mutated in place, so that the same methods work on :meth:`PolicyState.layer` views while the
+caller walks the model layer by layer.
+
+Slots are not in position order: a freed slot is reused by a later token. Everything that
+depends on order uses the ``position`` field, never the slot index.
+"""
+
+from __future__ import annotations
+
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar
+
+import torch
+
+from crystal_vllm.policy.select import gqa_reduce, masked_update
+
+#: ``max_resident`` of a policy that never evicts.
+UNBOUNDED = sys.maxsize
+
+
+@dataclass
+class PolicyState:
+    """Per-entry bookkeeping shared by all policies; subclasses add their own fields.
+
+    ``EMPTY`` maps every per-entry field to the value an empty slot holds; removal writes it
+    back, so a freed slot is indistinguishable from one never used.
+    """
+
+    valid: torch.Tensor  # bool [R, L, H, S]: the slot holds an entry
+    position: torch.Tensor  # int64 [R, L, H, S]: logical token position, -1 when empty
+    born: torch.Tensor  # int64 [R, L, H, S]: step at which the entry was inserted
+    step: torch.Tensor  # int64 [R]: the row's own step counter t
+
+    ROW_FIELDS: ClassVar[tuple[str, ...]] = ("step",)
+    EMPTY: ClassVar[dict[str, Any]] = {"valid": False, "position": -1, "born": 0}
+
+    def entry_fields(self) -> list[str]:
+        """Names of every per-entry field (leading dims ``[R, L, H, S]``)."""
+        return [f.name for f in fields(self) if f.name not in self.ROW_FIELDS]
+
+    def layer(self, l: int) -> PolicyState:  # noqa: E741 - `l` is the layer index throughout
+        """A view of layer ``l`` (``L == 1``); writes reach this state, ``step`` is shared."""
+        if not 0 <= l < self.num_layers:
+            raise IndexError(f"layer {l} out of range [0, {self.num_layers})")
+        return replace(self, **{n: getattr(self, n)[:, l : l + 1] for n in self.entry_fields()})
+
+    @property
+    def num_rows(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.valid.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.valid.shape[2]
+
+    @property
+    def num_slots(self) -> int:
+        return self.valid.shape[3]
+
+
+class KVPolicy(ABC):
+    """Scores cached entries and picks victims; knows nothing about where K/V live.
+
+    Call order in a decode step: ``begin_step`` -> ``insert`` (the new token) -> ``observe``
+    (per layer, this step's attention) -> ``select_evictions`` -> ``remove``. After a prefill:
+    ``insert(prefill=True)``, then replay the last ``obs_window`` prompt queries as
+    ``begin_step`` + ``observe``, then select. ``rows`` always indexes the R dimension, and
+    every ``[b, ...]`` tensor follows its order.
+    """
+
+    name: ClassVar[str]
+    #: The dataclass holding this policy's parameters (see ``configs.py``).
+    config_cls: ClassVar[type]
+    state_cls: ClassVar[type[PolicyState]] = PolicyState
+    #: ``select_evictions`` needs the keys (``keys=[b, L, H, S, D]``).
+    needs_keys: ClassVar[bool] = False
+    #: ``observe`` does anything; when False the caller may skip computing probabilities.
+    needs_attention: ClassVar[bool] = True
+
+    def __init__(self, config: Any | None = None) -> None:
+        config = config if config is not None else self.config_cls()
+        if not isinstance(config, self.config_cls):
+            raise TypeError(
+                f"policy {self.name!r} takes a {self.config_cls.__name__}, "
+                f"got {type(config).__name__}"
+            )
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+    @property
+    def adaptive_budgets(self) -> bool:
+        """Whether the caller should run Algorithm 2 (``allocate_budgets``) for this policy."""
+        return False
+
+    @property
+    def obs_window(self) -> int:
+        """How many trailing prompt queries the caller replays as ``observe`` after prefill."""
+        return 0
+
+    # ------------------------------------------------------------------ state lifecycle
+
+    def init_state(
+        self,
+        num_rows: int,
+        num_layers: int,
+        num_kv_heads: int,
+        num_slots: int,
+        device: torch.device | str | None = None,
+    ) -> PolicyState:
+        """An empty state; ``num_slots`` is the most entries one head can hold."""
+        shape = (num_rows, num_layers, num_kv_heads, num_slots)
+        names = ("num_rows", "num_layers", "num_kv_heads", "num_slots")
+        for n, v in zip(names, shape, strict=True):
+            if v < 1:
+                raise ValueError(f"{n} must be an integer >= 1, got {v}")
+        device = torch.device(device if device is not None else "cpu")
+        tensors = {
+            "valid": torch.zeros(shape, dtype=torch.bool, device=device),
+            "position": torch.full(shape, -1, dtype=torch.int64, device=device),
+            "born": torch.zeros(shape, dtype=torch.int64, device=device),
+            "step": torch.zeros(num_rows, dtype=torch.int64, device=device),
+        }
+        tensors.update(self._extra_fields(shape, device))
+        return self.state_cls(**tensors)
+
+    def _extra_fields(
+        self, shape: tuple[int, int, int, int], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        """Per-entry tensors a subclass adds to the state, filled with their EMPTY values."""
+        return {}
+
+    def reset(self, state: PolicyState, rows: torch.Tensor) -> None:
+        """Forget everything about ``rows`` (a finished, aborted or preempted request)."""
+        for name in state.entry_fields():
+            getattr(state, name)[rows] = state.EMPTY[name]
+        state.step[rows] = 0
+
+    def begin_step(self, state: PolicyState, rows: torch.Tensor) -> None:
+        """Advance the rows' own step counter t (once per step, not once per layer)."""
+        state.step[rows] += 1
+
+    def insert(
+        self,
+        state: PolicyState,
+        rows: torch.Tensor,
+        new: torch.Tensor,
+        positions: torch.Tensor,
+        *,
+        prefill: bool = False,
+    ) -> None:
+        """Record new entries in the slots where ``new`` is set.
+
+        A decode insert counts as a hit at the current step and is never evicted in it; a
+        prefill insert starts cold. Every insert is stamped ``born = t``, so the caller
+        advances the step (the obs-window replay does) before selecting after a prefill.
+        Slots outside ``new`` are untouched.
+        """
+        t = state.step[rows].view(-1, 1, 1, 1)
+        masked_update(state.valid, rows, new, True)
+        masked_update(state.position, rows, new, positions)
+        masked_update(state.born, rows, new, t)
+        for name, value in self._new_entry_values(t, prefill).items():
+            masked_update(getattr(state, name), rows, new, value)
+
+    def _new_entry_values(self, t: torch.Tensor, prefill: bool) -> dict[str, Any]:
+        """Subclass field values of a freshly inserted entry (scalars or ``[b, 1, 1, 1]``)."""
+        return {}
+
+    def remove(self, state: PolicyState, rows: torch.Tensor, mask: torch.Tensor) -> None:
+        """Drop the entries where ``mask`` is set, resetting their slots to EMPTY."""
+        for name in state.entry_fields():
+            masked_update(getattr(state, name), rows, mask, state.EMPTY[name])
+
+    # ------------------------------------------------------------------ scoring
+
+    def observe(
+        self, state: PolicyState, rows: torch.Tensor, probs: torch.Tensor, **kwargs: Any
+    ) -> None:
+        """Feed this step's attention ``probs[b, L, Hq, S]`` (0 on invalid slots).
+
+        Query head ``q`` belongs to KV head ``q // G``; the policy does the GQA reduction.
+        Policies that ignore attention accept and drop it.
+        """
+        return None
+
+    def _reduce(self, state: PolicyState, probs: torch.Tensor) -> torch.Tensor:
+        """GQA-reduce ``probs`` to one distribution per KV head, by the config's rule."""
+        return gqa_reduce(probs, state.num_kv_heads, self.config.gqa_reduce)
+
+    @abstractmethod
+    def select_evictions(
+        self,
+        state: PolicyState,
+        rows: torch.Tensor,
+        budgets: torch.Tensor,
+        keys: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Victims ``[b, L, H, S]`` so that each head keeps ``<= max(budget, #born now)``.
+
+        Pure: the state is not modified. Only valid entries are returned, never one born in
+        the current step.
+        """
+
+    def head_utilisation(self, state: PolicyState, rows: torch.Tensor) -> torch.Tensor:
+        """``S[l, h]`` of Algorithm 2; policies without a score report their occupancy."""
+        return state.valid[rows].sum(-1).to(torch.float32)
+
+    @abstractmethod
+    def max_resident(self, budget: int) -> int:
+        """Most entries one head can hold between steps for ``budget`` (memory to reserve)."""

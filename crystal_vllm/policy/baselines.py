@@ -1,0 +1,149 @@
+"""Baselines that act every step (ALGORITHM.md §5): ``full``, ``streaming`` and ``h2o``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from crystal_vllm.policy.base import UNBOUNDED, KVPolicy, PolicyState
+from crystal_vllm.policy.configs import FullConfig, H2OConfig, StreamingConfig
+from crystal_vllm.policy.select import select_lowest
+
+
+def _born_now(state: PolicyState, rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    return valid & (state.born[rows] == state.step[rows].view(-1, 1, 1, 1))
+
+
+def _excess(valid: torch.Tensor, born_now: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """How many entries each head must drop to hold ``max(budget, #born now)``."""
+    return (valid.sum(-1) - torch.maximum(budgets, born_now.sum(-1))).clamp_min(0)
+
+
+class FullPolicy(KVPolicy):
+    """``full``: never evicts (the reference path through this project's cache code)."""
+
+    name: ClassVar[str] = "full"
+    config_cls: ClassVar[type] = FullConfig
+    needs_attention: ClassVar[bool] = False
+
+    def select_evictions(
+        self,
+        state: PolicyState,
+        rows: torch.Tensor,
+        budgets: torch.Tensor,
+        keys: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return torch.zeros_like(state.valid[rows])
+
+    def max_resident(self, budget: int) -> int:
+        """:data:`UNBOUNDED`: a head grows with the sequence."""
+        return UNBOUNDED
+
+
+class StreamingPolicy(KVPolicy):
+    """``streaming`` (StreamingLLM): keep the ``sinks`` oldest positions and the newest rest."""
+
+    name: ClassVar[str] = "streaming"
+    config_cls: ClassVar[type] = StreamingConfig
+    needs_attention: ClassVar[bool] = False
+    config: StreamingConfig
+
+    def select_evictions(
+        self,
+        state: PolicyState,
+        rows: torch.Tensor,
+        budgets: torch.Tensor,
+        keys: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Evict the oldest non-sink positions; sinks go last (only if the budget < sinks)."""
+        valid = state.valid[rows]
+        position = state.position[rows]
+        born_now = _born_now(state, rows, valid)
+        sinks = _lowest_positions(position, valid, self.config.sinks)
+        primary = torch.where(sinks, torch.finfo(torch.float64).max, position.double())
+        # Among sinks the newest goes first; among the rest the oldest.
+        secondary = torch.where(sinks, -position, position)
+        return select_lowest(
+            primary, secondary, valid & ~born_now, _excess(valid, born_now, budgets)
+        )
+
+    def max_resident(self, budget: int) -> int:
+        return budget + 1
+
+
+def _lowest_positions(position: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the ``k`` smallest positions among valid slots of each head."""
+    k = min(k, position.shape[-1])
+    if k == 0:
+        return torch.zeros_like(valid)
+    key = torch.where(valid, position, torch.iinfo(torch.int64).max)
+    idx = key.topk(k, dim=-1, largest=False).indices
+    return torch.zeros_like(valid).scatter_(-1, idx, True) & valid
+
+
+@dataclass
+class H2OState(PolicyState):
+    """Adds the attention accumulated by each entry since its insertion."""
+
+    acc: torch.Tensor  # float32 [R, L, H, S]
+
+    EMPTY: ClassVar[dict[str, Any]] = {**PolicyState.EMPTY, "acc": 0.0}
+
+
+class H2OPolicy(KVPolicy):
+    """``h2o``: keep ``budget // 2`` most recent entries, fill the rest by cumulative attention."""
+
+    name: ClassVar[str] = "h2o"
+    config_cls: ClassVar[type] = H2OConfig
+    state_cls: ClassVar[type[PolicyState]] = H2OState
+    config: H2OConfig
+
+    @property
+    def obs_window(self) -> int:
+        return self.config.obs_window
+
+    def _extra_fields(
+        self, shape: tuple[int, int, int, int], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        return {"acc": torch.zeros(shape, dtype=torch.float32, device=device)}
+
+    def observe(self, state: H2OState, rows: torch.Tensor, probs: torch.Tensor, **_: Any) -> None:
+        p = self._reduce(state, probs).to(torch.float32)
+        state.acc[rows] = state.acc[rows] + torch.where(state.valid[rows], p, 0.0)
+
+    def select_evictions(
+        self,
+        state: H2OState,
+        rows: torch.Tensor,
+        budgets: torch.Tensor,
+        keys: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Evict the lowest cumulative attention outside the recent half; ties: older first."""
+        valid = state.valid[rows]
+        position = state.position[rows]
+        born_now = _born_now(state, rows, valid)
+        excess = _excess(valid, born_now, budgets)
+        if not bool((excess > 0).any()):
+            return torch.zeros_like(valid)
+        recent = _highest_positions(position, valid, budgets // 2)
+        primary = torch.where(recent, torch.finfo(torch.float32).max, state.acc[rows])
+        return select_lowest(primary, position, valid & ~born_now, excess)
+
+    def head_utilisation(self, state: H2OState, rows: torch.Tensor) -> torch.Tensor:
+        return torch.where(state.valid[rows], state.acc[rows], 0.0).sum(-1)
+
+    def max_resident(self, budget: int) -> int:
+        return budget + 1
+
+
+def _highest_positions(
+    position: torch.Tensor, valid: torch.Tensor, k: torch.Tensor
+) -> torch.Tensor:
+    """Mask of the ``k[...]`` (per head) largest positions among valid slots."""
+    key = torch.where(valid, position, -1)
+    ordered = key.sort(dim=-1, descending=True).values
+    idx = (k - 1).clamp(0, position.shape[-1] - 1).unsqueeze(-1)
+    threshold = ordered.gather(-1, idx)
+    return valid & (key >= threshold) & (k > 0).unsqueeze(-1)

@@ -1,0 +1,141 @@
+"""Dataclass configs of the policies: algorithm parameters only (budgets come per call).
+
+Defaults are ALGORITHM.md §7. Every config validates itself in ``__post_init__`` and names
+the bad value and the allowed range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from crystal_vllm.policy.select import GQA_REDUCE_MODES
+
+
+def _check_int(name: str, value: int, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_unit(name: str, value: float, *, open_low: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (0.0 < value <= 1.0) if open_low else (0.0 <= value <= 1.0)
+    if not ok:
+        interval = "(0, 1]" if open_low else "[0, 1]"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+
+
+def _check_bool(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def _check_gqa(value: str) -> None:
+    if value not in GQA_REDUCE_MODES:
+        raise ValueError(f"gqa_reduce must be one of {', '.join(GQA_REDUCE_MODES)}, got {value!r}")
+
+
+@dataclass
+class FullConfig:
+    """``full`` has no parameters."""
+
+
+@dataclass
+class LRFUConfig:
+    """Attention-LRFU (paper Algorithm 1) with uniform budgets: ``crystal-lite``."""
+
+    top_p: float = 0.9  # hit nucleus
+    lam: float = 0.6  # decay base per step: 0 = LRU over hits, 1 = LFU over hits
+    gqa_reduce: str = "mean"  # how the query heads of a group are combined
+    obs_window: int = 8  # prompt queries replayed as hits after prefill
+    protect_prompt: bool = False  # prompt entries never evicted, not counted in the budget
+    # Record hits from the first step (True) or, as the paper's listing does, only once the
+    # head holds at least its budget (False; then `observe` needs `budgets=`).
+    hits_before_full: bool = True
+
+    def __post_init__(self) -> None:
+        _check_unit("top_p", self.top_p, open_low=True)
+        _check_unit("lam", self.lam, open_low=False)
+        _check_gqa(self.gqa_reduce)
+        _check_int("obs_window", self.obs_window, 0)
+        _check_bool("protect_prompt", self.protect_prompt)
+        _check_bool("hits_before_full", self.hits_before_full)
+
+
+@dataclass
+class LRUConfig(LRFUConfig):
+    """``lru``: LRFU with ``lam = 0`` (fixed), close to RaaS."""
+
+    lam: float = field(default=0.0, init=False)
+
+
+@dataclass
+class CrystalConfig(LRFUConfig):
+    """``crystal``: LRFU plus the periodic layer/head budget allocator (Algorithm 2)."""
+
+    realloc_interval: int = 64  # decode steps between allocator runs
+    floor_ratio: float = 0.2  # every head keeps >= floor_ratio * average budget ...
+    min_tokens: int = 16  # ... and >= min_tokens
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("realloc_interval", self.realloc_interval, 1)
+        _check_unit("floor_ratio", self.floor_ratio, open_low=False)
+        _check_int("min_tokens", self.min_tokens, 0)
+
+
+@dataclass
+class StreamingConfig:
+    """StreamingLLM: attention sinks + the most recent entries."""
+
+    sinks: int = 4
+
+    def __post_init__(self) -> None:
+        _check_int("sinks", self.sinks, 0)
+
+
+@dataclass
+class H2OConfig:
+    """H2O: cumulative attention heavy hitters (half the budget) + recent entries (half)."""
+
+    gqa_reduce: str = "mean"
+    obs_window: int = 8
+
+    def __post_init__(self) -> None:
+        _check_gqa(self.gqa_reduce)
+        _check_int("obs_window", self.obs_window, 0)
+
+
+@dataclass
+class SnapKVConfig:
+    """SnapKV during decode: every ``buffer`` new entries, keep the observation window plus
+    the top entries by max-pooled window attention."""
+
+    gqa_reduce: str = "mean"
+    window: int = 8  # observation window (queries) and entries always kept
+    kernel: int = 7  # max-pool width over neighbouring positions (odd)
+    buffer: int = 128  # entries a head may grow past its budget before compressing
+
+    def __post_init__(self) -> None:
+        _check_gqa(self.gqa_reduce)
+        _check_int("window", self.window, 1)
+        _check_int("kernel", self.kernel, 1)
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel must be odd (centred pooling), got {self.kernel}")
+        _check_int("buffer", self.buffer, 1)
+
+
+@dataclass
+class RKVConfig(SnapKVConfig):
+    """R-KV: SnapKV's cadence, score ``w * importance - (1 - w) * redundancy``."""
+
+    importance_weight: float = 0.1
+    similarity_threshold: float = 0.5  # cosine above which a key counts as a near-duplicate
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_unit("importance_weight", self.importance_weight, open_low=False)
+        value = self.similarity_threshold
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or not -1.0 <= value <= 1.0:
+            raise ValueError(f"similarity_threshold must be a number in [-1, 1], got {value!r}")

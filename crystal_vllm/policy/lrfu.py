@@ -1,0 +1,173 @@
+"""Crystal-KV's attention-LRFU policy (paper Algorithm 1) and its variants.
+
+``crystal-lite`` is LRFU with uniform budgets, ``lru`` the same with ``lam = 0``, and
+``crystal`` adds Algorithm 2 (see :mod:`crystal_vllm.policy.allocator`), which the caller runs
+every ``realloc_interval`` steps with :meth:`CrystalPolicy.reallocate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from crystal_vllm.policy.allocator import allocate_budgets
+from crystal_vllm.policy.base import KVPolicy, PolicyState
+from crystal_vllm.policy.configs import CrystalConfig, LRFUConfig, LRUConfig
+from crystal_vllm.policy.select import recency_key, select_lowest
+from crystal_vllm.policy.topp import top_p_mask
+
+
+@dataclass
+class LRFUState(PolicyState):
+    """Adds the LRFU pair: ``crf`` as of step ``tau`` (the last hit), decayed lazily."""
+
+    crf: torch.Tensor  # float32 [R, L, H, S]
+    tau: torch.Tensor  # int64 [R, L, H, S]
+    prompt: torch.Tensor  # bool [R, L, H, S]: inserted by prefill (for protect_prompt)
+
+    EMPTY: ClassVar[dict[str, Any]] = {
+        **PolicyState.EMPTY,
+        "crf": 0.0,
+        "tau": 0,
+        "prompt": False,
+    }
+
+
+class LRFUPolicy(KVPolicy):
+    """Keep, per head, the entries with the highest decayed CRF (``crystal-lite``).
+
+    ``CRF_t(e) = sum_j lam**(t - t_j)`` over the steps ``t_j`` at which ``e`` was inside its
+    head's top-p attention nucleus, stored as ``(crf, tau)`` and decayed only when read.
+    """
+
+    name: ClassVar[str] = "crystal-lite"
+    config_cls: ClassVar[type] = LRFUConfig
+    state_cls: ClassVar[type[PolicyState]] = LRFUState
+    config: LRFUConfig
+
+    @property
+    def obs_window(self) -> int:
+        return self.config.obs_window
+
+    def _extra_fields(
+        self, shape: tuple[int, int, int, int], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        return {
+            "crf": torch.zeros(shape, dtype=torch.float32, device=device),
+            "tau": torch.zeros(shape, dtype=torch.int64, device=device),
+            "prompt": torch.zeros(shape, dtype=torch.bool, device=device),
+        }
+
+    def _new_entry_values(self, t: torch.Tensor, prefill: bool) -> dict[str, Any]:
+        if prefill:
+            return {"crf": 0.0, "tau": 0, "prompt": True}
+        return {"crf": 1.0, "tau": t, "prompt": False}
+
+    def decayed_crf(self, state: LRFUState, rows: torch.Tensor) -> torch.Tensor:
+        """Current CRF ``lam**(t - tau) * crf`` of every slot (0 on empty slots)."""
+        t = state.step[rows].view(-1, 1, 1, 1)
+        age = (t - state.tau[rows]).to(torch.float32)
+        return state.crf[rows] * torch.pow(self.config.lam, age)
+
+    def _counted(self, state: LRFUState, rows: torch.Tensor) -> torch.Tensor:
+        """Entries that count against the budget (and may be evicted)."""
+        valid = state.valid[rows]
+        return valid & ~state.prompt[rows] if self.config.protect_prompt else valid
+
+    def observe(
+        self,
+        state: LRFUState,
+        rows: torch.Tensor,
+        probs: torch.Tensor,
+        *,
+        budgets: torch.Tensor | None = None,
+        **_: Any,
+    ) -> None:
+        """Record this step's top-p hits: ``crf = lam**(t - tau) * crf + 1; tau = t``.
+
+        An entry already rewarded at step t (the one inserted in it) is not rewarded twice.
+        With ``hits_before_full=False`` only heads holding ``>= budgets`` entries record.
+        """
+        p = self._reduce(state, probs)
+        valid = state.valid[rows]
+        hit = top_p_mask(p, state.position[rows], valid, self.config.top_p)
+        if not self.config.hits_before_full:
+            if budgets is None:
+                raise ValueError("hits_before_full=False needs observe(..., budgets=...)")
+            full = self._counted(state, rows).sum(-1) >= budgets
+            hit &= full.unsqueeze(-1)
+        t = state.step[rows].view(-1, 1, 1, 1)
+        tau = state.tau[rows]
+        hit &= tau != t
+        crf = state.crf[rows]
+        decayed = crf * torch.pow(self.config.lam, (t - tau).to(torch.float32))
+        state.crf[rows] = torch.where(hit, decayed + 1.0, crf)
+        state.tau[rows] = torch.where(hit, t, tau)
+
+    def select_evictions(
+        self,
+        state: LRFUState,
+        rows: torch.Tensor,
+        budgets: torch.Tensor,
+        keys: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Evict the lowest decayed CRF first; ties: older ``tau``, then older position."""
+        counted = self._counted(state, rows)
+        t = state.step[rows].view(-1, 1, 1, 1)
+        born_now = counted & (state.born[rows] == t)
+        keep = torch.maximum(budgets, born_now.sum(-1))
+        excess = (counted.sum(-1) - keep).clamp_min(0)
+        secondary = recency_key(state.tau[rows], state.position[rows])
+        return select_lowest(self.decayed_crf(state, rows), secondary, counted & ~born_now, excess)
+
+    def head_utilisation(self, state: LRFUState, rows: torch.Tensor) -> torch.Tensor:
+        """Sum of the current decayed CRF over the entries counted against each budget."""
+        crf = self.decayed_crf(state, rows)
+        return torch.where(self._counted(state, rows), crf, 0.0).sum(-1)
+
+    def max_resident(self, budget: int) -> int:
+        """The budget plus the entry written in the step before its victim leaves
+        (prompt entries under ``protect_prompt`` come on top of this)."""
+        return budget + 1
+
+
+class LRUPolicy(LRFUPolicy):
+    """``lru``: LRFU with ``lam = 0``, i.e. keep the entries most recently in a nucleus."""
+
+    name: ClassVar[str] = "lru"
+    config_cls: ClassVar[type] = LRUConfig
+
+
+class CrystalPolicy(LRFUPolicy):
+    """``crystal``: LRFU plus adaptive per-layer/head budgets (Algorithm 2)."""
+
+    name: ClassVar[str] = "crystal"
+    config_cls: ClassVar[type] = CrystalConfig
+    config: CrystalConfig
+
+    @property
+    def adaptive_budgets(self) -> bool:
+        return True
+
+    def reallocate(
+        self,
+        state: LRFUState,
+        rows: torch.Tensor,
+        budgets: torch.Tensor,
+        total: torch.Tensor,
+        max_per_head: int | torch.Tensor,
+    ) -> torch.Tensor:
+        """New budgets ``[b, L, H]`` from the rows' current utilisation (Algorithm 2).
+
+        ``state`` must be the full state (all layers), since budget moves between layers.
+        """
+        return allocate_budgets(
+            self.head_utilisation(state, rows),
+            budgets,
+            total,
+            floor_ratio=self.config.floor_ratio,
+            min_tokens=self.config.min_tokens,
+            max_per_head=max_per_head,
+        )

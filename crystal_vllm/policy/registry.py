@@ -1,0 +1,92 @@
+"""Build policies by name from plain parameter mappings (CLI flags, per-request args)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any
+
+from crystal_vllm.policy.base import KVPolicy
+from crystal_vllm.policy.baselines import FullPolicy, H2OPolicy, StreamingPolicy
+from crystal_vllm.policy.lrfu import CrystalPolicy, LRFUPolicy, LRUPolicy
+from crystal_vllm.policy.windowed import RKVPolicy, SnapKVPolicy
+
+_POLICIES: dict[str, type[KVPolicy]] = {
+    cls.name: cls
+    for cls in (
+        FullPolicy,
+        CrystalPolicy,
+        LRFUPolicy,
+        LRUPolicy,
+        StreamingPolicy,
+        H2OPolicy,
+        SnapKVPolicy,
+        RKVPolicy,
+    )
+}
+
+POLICY_NAMES: tuple[str, ...] = (
+    "full",
+    "crystal",
+    "crystal-lite",
+    "lru",
+    "streaming",
+    "h2o",
+    "snapkv",
+    "rkv",
+)
+assert set(POLICY_NAMES) == set(_POLICIES)
+
+
+def policy_class(name: str) -> type[KVPolicy]:
+    """The policy class registered under ``name``."""
+    try:
+        return _POLICIES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown KV policy {name!r}; allowed: {', '.join(POLICY_NAMES)}"
+        ) from None
+
+
+def policy_param_names(name: str) -> set[str]:
+    """Parameters ``make_policy(name, params)`` accepts."""
+    return {f.name for f in fields(policy_class(name).config_cls) if f.init}
+
+
+def make_policy(name: str, params: Mapping[str, Any] | None = None) -> KVPolicy:
+    """Build policy ``name`` with ``params`` over its defaults (ALGORITHM.md §7).
+
+    Raises ``ValueError`` naming the unknown policy, the unknown parameter (with the allowed
+    ones) or the bad value (with its allowed range). Strings such as ``"0.9"`` or
+    ``"true"`` are converted to the parameter's type, since CLI and HTTP inputs arrive so.
+    """
+    cls = policy_class(name)
+    allowed = policy_param_names(name)
+    defaults = {f.name: f.default for f in fields(cls.config_cls) if f.init}
+    values = {}
+    for key, value in (params or {}).items():
+        if key not in allowed:
+            listed = ", ".join(sorted(allowed)) or "none"
+            raise ValueError(f"unknown parameter {key!r} for KV policy {name!r}; allowed: {listed}")
+        values[key] = _coerce(key, value, type(defaults[key]))
+    return cls(cls.config_cls(**values))
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """Convert string inputs to ``kind``; leave other values to the config's validation."""
+    if not isinstance(value, str) or kind is str:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+    text = value.strip()
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(text)
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{key} must be a {kind.__name__}, got {value!r}") from None
