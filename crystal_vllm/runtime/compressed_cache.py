@@ -284,10 +284,11 @@ class CompressedKVCache:
             prefill=True,
         )
         window = min(policy.obs_window, count)
-        if window:
-            probs = self._prompt_query_probs(query[-window:], key, count - window)
-            for w in range(window):
-                policy.begin_step(scratch, first)
+        probs = self._prompt_query_probs(query[-window:], key, count - window) if window else None
+        # At least one step passes, so that no prompt entry counts as born this step.
+        for w in range(max(window, 1)):
+            policy.begin_step(scratch, first)
+            if probs is not None:
                 policy.observe(scratch, first, probs[w][None, None])
         if compress:
             budgets = self.budgets[row, layer][None, None]
