@@ -1,0 +1,146 @@
+"""Algorithm 2 budget allocation: exact totals, floors, caps, proportionality."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crystal_vllm.policy import allocate_budgets
+
+
+def _targets(s: torch.Tensor, budgets: torch.Tensor, total: int) -> torch.Tensor:
+    """Algorithm 2 in plain Python loops (real-valued, before floors and rounding)."""
+    layers, heads = s.shape
+    eta_l = [sum(s[l]) / sum(budgets[l]) for l in range(layers)]  # noqa: E741
+    out = torch.zeros(layers, heads, dtype=torch.float64)
+    for l in range(layers):  # noqa: E741
+        b_l = total * eta_l[l] / sum(eta_l)
+        eta_h = [s[l, h] / budgets[l, h] for h in range(heads)]
+        for h in range(heads):
+            out[l, h] = b_l * eta_h[h] / sum(eta_h) if sum(eta_h) > 0 else 0.0
+    return out
+
+
+def _case(seed: int, b: int, layers: int, heads: int):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.rand(b, layers, heads, generator=g) * 10
+    s[torch.rand(b, layers, heads, generator=g) < 0.2] = 0.0
+    budgets = torch.randint(1, 200, (b, layers, heads), generator=g)
+    return s, budgets
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    b=st.integers(1, 3),
+    layers=st.integers(1, 6),
+    heads=st.integers(1, 4),
+    avg=st.integers(0, 300),
+    floor_ratio=st.sampled_from([0.0, 0.2, 0.5, 1.0]),
+    min_tokens=st.integers(0, 20),
+    cap=st.integers(0, 700),
+)
+def test_totals_floors_and_caps(seed, b, layers, heads, avg, floor_ratio, min_tokens, cap) -> None:
+    s, budgets = _case(seed, b, layers, heads)
+    n = layers * heads
+    total = torch.full((b,), avg * n)
+    out = allocate_budgets(
+        s, budgets, total, floor_ratio=floor_ratio, min_tokens=min_tokens, max_per_head=cap
+    )
+    assert out.dtype == torch.int64 and out.shape == s.shape
+    assert (out <= cap).all() and (out >= 0).all()
+    sums = out.sum((1, 2))
+    if avg <= cap:
+        assert (sums == total).all()
+        floor = min(max(math.ceil(floor_ratio * avg), min_tokens), avg, cap)
+        assert (out >= floor).all()
+    else:  # infeasible: the quota cannot hold the total
+        assert (out == cap).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), layers=st.integers(1, 5), heads=st.integers(1, 4))
+def test_proportional_when_floors_do_not_bind(seed: int, layers: int, heads: int) -> None:
+    s, budgets = _case(seed, 1, layers, heads)
+    s = s + 1.0  # every head used, so no zero-share head sits at the floor
+    total = 1000 * layers * heads
+    out = allocate_budgets(
+        s, budgets, torch.tensor([total]), floor_ratio=0.0, min_tokens=0, max_per_head=10**9
+    )
+    want = _targets(s[0].double(), budgets[0].double(), total)
+    assert (out[0] - want).abs().max() < 1.0 + 1e-9
+    assert int(out.sum()) == total
+    # Largest remainder: rounding down every target and adding 1 to the largest fractions.
+    frac = want - want.floor()
+    missing = total - int(want.floor().sum())
+    top = set(frac.flatten().argsort(descending=True, stable=True)[:missing].tolist())
+    got_up = set(((out[0] - want.floor()) == 1).flatten().nonzero().flatten().tolist())
+    assert got_up == top
+
+
+def test_uniform_utilisation_gives_uniform_budgets() -> None:
+    budgets = torch.tensor([[[100, 300], [50, 350]]])
+    s = budgets.double() * 0.7  # same eta everywhere
+    out = allocate_budgets(
+        s, budgets, torch.tensor([800]), floor_ratio=0.2, min_tokens=16, max_per_head=1000
+    )
+    assert out.tolist() == [[[200, 200], [200, 200]]]
+    # ... and uniform budgets are a fixed point.
+    again = allocate_budgets(
+        out.double() * 0.7,
+        out,
+        torch.tensor([800]),
+        floor_ratio=0.2,
+        min_tokens=16,
+        max_per_head=1000,
+    )
+    assert torch.equal(again, out)
+
+
+def test_floor_binds_and_rest_is_water_filled() -> None:
+    s = torch.tensor([[[0.0, 1.0, 3.0, 6.0]]])
+    budgets = torch.full((1, 1, 4), 100)
+    out = allocate_budgets(
+        s, budgets, torch.tensor([400]), floor_ratio=0.25, min_tokens=0, max_per_head=1000
+    )
+    # floor 25 for the idle head; the other 375 split 1:3:6 by a common scale.
+    assert out.tolist() == [[[25, 38, 112, 225]]] or out.tolist() == [[[25, 37, 113, 225]]]
+    assert int(out.sum()) == 400
+
+
+def test_cap_redistributes_excess() -> None:
+    s = torch.tensor([[[1.0, 1.0, 98.0]]])
+    budgets = torch.full((1, 1, 3), 10)
+    out = allocate_budgets(
+        s, budgets, torch.tensor([30]), floor_ratio=0.0, min_tokens=0, max_per_head=12
+    )
+    assert out.tolist() == [[[9, 9, 12]]]
+
+
+def test_zero_utilisation_splits_uniformly_and_low_total_lowers_floor() -> None:
+    out = allocate_budgets(
+        torch.zeros(1, 2, 3),
+        torch.full((1, 2, 3), 7),
+        torch.tensor([20]),
+        floor_ratio=0.2,
+        min_tokens=16,
+        max_per_head=100,
+    )
+    assert int(out.sum()) == 20 and out.max() - out.min() <= 1
+    assert (out >= 3).all()  # floor lowered from 16 to 20 // 6
+
+
+def test_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="b, L, H"):
+        allocate_budgets(
+            torch.zeros(2, 3),
+            torch.zeros(2, 3),
+            torch.tensor([1, 1]),
+            floor_ratio=0.2,
+            min_tokens=1,
+            max_per_head=4,
+        )
