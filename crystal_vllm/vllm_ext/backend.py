@@ -26,6 +26,9 @@ class CrystalAttentionMetadata:
 
 
 class CrystalAttentionMetadataBuilder(AttentionMetadataBuilder[CrystalAttentionMetadata]):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
     def build(
         self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False
     ) -> CrystalAttentionMetadata:

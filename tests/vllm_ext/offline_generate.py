@@ -9,6 +9,7 @@ platform are resolved once per process). Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 PROMPTS = [
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("additional_config", help="JSON object for additional_config")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--block-size", type=int, default=None)
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -33,6 +35,8 @@ def main() -> None:
         enforce_eager=True,
         max_model_len=1024,
         seed=0,
+        block_size=args.block_size,
+        distributed_executor_backend="uni",
         additional_config=json.loads(args.additional_config),
     )
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
@@ -40,7 +44,19 @@ def main() -> None:
     from vllm.platforms import current_platform
 
     tokens = [list(out.outputs[0].token_ids) for out in outputs]
-    print(json.dumps({"platform": type(current_platform).__name__, "tokens": tokens}))
+    result = {"platform": type(current_platform).__name__, "tokens": tokens}
+    runner = _in_process_runner(llm)
+    if getattr(runner, "crystal_cache", None) is not None:
+        result["stats"] = dataclasses.asdict(runner.crystal_cache.stats)
+    print(json.dumps(result))
+
+
+def _in_process_runner(llm):
+    """The model runner, when the engine runs in this process (else None)."""
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    if core is None:
+        return None
+    return core.model_executor.driver_worker.worker.model_runner
 
 
 if __name__ == "__main__":
