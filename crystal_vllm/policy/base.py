@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from crystal_vllm.policy.select import gqa_reduce, masked_update
+from crystal_vllm.policy.select import gqa_reduce, masked_update, row_index
 
 #: ``max_resident`` of a policy that never evicts.
 UNBOUNDED = sys.maxsize
@@ -142,13 +142,15 @@ class KVPolicy(ABC):
 
     def reset(self, state: PolicyState, rows: torch.Tensor) -> None:
         """Forget everything about ``rows`` (a finished, aborted or preempted request)."""
+        ri = row_index(rows, state.num_rows)
         for name in state.entry_fields():
-            getattr(state, name)[rows] = state.EMPTY[name]
-        state.step[rows] = 0
+            getattr(state, name)[ri] = state.EMPTY[name]
+        state.step[ri] = 0
 
     def begin_step(self, state: PolicyState, rows: torch.Tensor) -> None:
         """Advance the rows' own step counter t (once per step, not once per layer)."""
-        state.step[rows] += 1
+        ri = row_index(rows, state.num_rows)
+        state.step[ri] += 1
 
     def insert(
         self,
@@ -166,7 +168,8 @@ class KVPolicy(ABC):
         advances the step (the obs-window replay does) before selecting after a prefill.
         Slots outside ``new`` are untouched.
         """
-        t = state.step[rows].view(-1, 1, 1, 1)
+        ri = row_index(rows, state.num_rows)
+        t = state.step[ri].view(-1, 1, 1, 1)
         masked_update(state.valid, rows, new, True)
         masked_update(state.position, rows, new, positions)
         masked_update(state.born, rows, new, t)
@@ -214,7 +217,8 @@ class KVPolicy(ABC):
 
     def head_utilisation(self, state: PolicyState, rows: torch.Tensor) -> torch.Tensor:
         """``S[l, h]`` of Algorithm 2; policies without a score report their occupancy."""
-        return state.valid[rows].sum(-1).to(torch.float32)
+        ri = row_index(rows, state.num_rows)
+        return state.valid[ri].sum(-1).to(torch.float32)
 
     @abstractmethod
     def max_resident(self, budget: int) -> int:

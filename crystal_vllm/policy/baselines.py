@@ -9,11 +9,12 @@ import torch
 
 from crystal_vllm.policy.base import UNBOUNDED, KVPolicy, PolicyState
 from crystal_vllm.policy.configs import FullConfig, H2OConfig, StreamingConfig
-from crystal_vllm.policy.select import select_lowest
+from crystal_vllm.policy.select import row_index, select_lowest
 
 
 def _born_now(state: PolicyState, rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    return valid & (state.born[rows] == state.step[rows].view(-1, 1, 1, 1))
+    ri = row_index(rows, state.num_rows)
+    return valid & (state.born[ri] == state.step[ri].view(-1, 1, 1, 1))
 
 
 def _excess(valid: torch.Tensor, born_now: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
@@ -35,7 +36,8 @@ class FullPolicy(KVPolicy):
         budgets: torch.Tensor,
         keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return torch.zeros_like(state.valid[rows])
+        ri = row_index(rows, state.num_rows)
+        return torch.zeros_like(state.valid[ri])
 
     def max_resident(self, budget: int) -> int:
         """:data:`UNBOUNDED`: a head grows with the sequence."""
@@ -58,8 +60,9 @@ class StreamingPolicy(KVPolicy):
         keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Evict the oldest non-sink positions; sinks go last (only if the budget < sinks)."""
-        valid = state.valid[rows]
-        position = state.position[rows]
+        ri = row_index(rows, state.num_rows)
+        valid = state.valid[ri]
+        position = state.position[ri]
         born_now = _born_now(state, rows, valid)
         sinks = _lowest_positions(position, valid, self.config.sinks)
         primary = torch.where(sinks, torch.finfo(torch.float64).max, position.double())
@@ -110,8 +113,9 @@ class H2OPolicy(KVPolicy):
         return {"acc": torch.zeros(shape, dtype=torch.float32, device=device)}
 
     def observe(self, state: H2OState, rows: torch.Tensor, probs: torch.Tensor, **_: Any) -> None:
+        ri = row_index(rows, state.num_rows)
         p = self._reduce(state, probs).to(torch.float32)
-        state.acc[rows] = state.acc[rows] + torch.where(state.valid[rows], p, 0.0)
+        state.acc[ri] = state.acc[ri] + torch.where(state.valid[ri], p, 0.0)
 
     def select_evictions(
         self,
@@ -121,18 +125,20 @@ class H2OPolicy(KVPolicy):
         keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Evict the lowest cumulative attention outside the recent half; ties: older first."""
-        valid = state.valid[rows]
-        position = state.position[rows]
+        ri = row_index(rows, state.num_rows)
+        valid = state.valid[ri]
+        position = state.position[ri]
         born_now = _born_now(state, rows, valid)
         excess = _excess(valid, born_now, budgets)
         if not bool((excess > 0).any()):
             return torch.zeros_like(valid)
         recent = _highest_positions(position, valid, budgets // 2)
-        primary = torch.where(recent, torch.finfo(torch.float32).max, state.acc[rows])
+        primary = torch.where(recent, torch.finfo(torch.float32).max, state.acc[ri])
         return select_lowest(primary, position, valid & ~born_now, excess)
 
     def head_utilisation(self, state: H2OState, rows: torch.Tensor) -> torch.Tensor:
-        return torch.where(state.valid[rows], state.acc[rows], 0.0).sum(-1)
+        ri = row_index(rows, state.num_rows)
+        return torch.where(state.valid[ri], state.acc[ri], 0.0).sum(-1)
 
     def max_resident(self, budget: int) -> int:
         return budget + 1

@@ -15,7 +15,7 @@ import torch
 from crystal_vllm.policy.allocator import allocate_budgets
 from crystal_vllm.policy.base import KVPolicy, PolicyState
 from crystal_vllm.policy.configs import CrystalConfig, LRFUConfig, LRUConfig
-from crystal_vllm.policy.select import recency_key, select_lowest
+from crystal_vllm.policy.select import recency_key, row_index, select_lowest
 from crystal_vllm.policy.topp import top_p_mask
 
 
@@ -67,14 +67,16 @@ class LRFUPolicy(KVPolicy):
 
     def decayed_crf(self, state: LRFUState, rows: torch.Tensor) -> torch.Tensor:
         """Current CRF ``lam**(t - tau) * crf`` of every slot (0 on empty slots)."""
-        t = state.step[rows].view(-1, 1, 1, 1)
-        age = (t - state.tau[rows]).to(torch.float32)
-        return state.crf[rows] * torch.pow(self.config.lam, age)
+        ri = row_index(rows, state.num_rows)
+        t = state.step[ri].view(-1, 1, 1, 1)
+        age = (t - state.tau[ri]).to(torch.float32)
+        return state.crf[ri] * torch.pow(self.config.lam, age)
 
     def _counted(self, state: LRFUState, rows: torch.Tensor) -> torch.Tensor:
         """Entries that count against the budget (and may be evicted)."""
-        valid = state.valid[rows]
-        return valid & ~state.prompt[rows] if self.config.protect_prompt else valid
+        ri = row_index(rows, state.num_rows)
+        valid = state.valid[ri]
+        return valid & ~state.prompt[ri] if self.config.protect_prompt else valid
 
     def observe(
         self,
@@ -90,21 +92,22 @@ class LRFUPolicy(KVPolicy):
         An entry already rewarded at step t (the one inserted in it) is not rewarded twice.
         With ``hits_before_full=False`` only heads holding ``>= budgets`` entries record.
         """
+        ri = row_index(rows, state.num_rows)
         p = self._reduce(state, probs)
-        valid = state.valid[rows]
-        hit = top_p_mask(p, state.position[rows], valid, self.config.top_p)
+        valid = state.valid[ri]
+        hit = top_p_mask(p, state.position[ri], valid, self.config.top_p)
         if not self.config.hits_before_full:
             if budgets is None:
                 raise ValueError("hits_before_full=False needs observe(..., budgets=...)")
             full = self._counted(state, rows).sum(-1) >= budgets
             hit &= full.unsqueeze(-1)
-        t = state.step[rows].view(-1, 1, 1, 1)
-        tau = state.tau[rows]
+        t = state.step[ri].view(-1, 1, 1, 1)
+        tau = state.tau[ri]
         hit &= tau != t
-        crf = state.crf[rows]
+        crf = state.crf[ri]
         decayed = crf * torch.pow(self.config.lam, (t - tau).to(torch.float32))
-        state.crf[rows] = torch.where(hit, decayed + 1.0, crf)
-        state.tau[rows] = torch.where(hit, t, tau)
+        state.crf[ri] = torch.where(hit, decayed + 1.0, crf)
+        state.tau[ri] = torch.where(hit, t, tau)
 
     def select_evictions(
         self,
@@ -114,12 +117,13 @@ class LRFUPolicy(KVPolicy):
         keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Evict the lowest decayed CRF first; ties: older ``tau``, then older position."""
+        ri = row_index(rows, state.num_rows)
         counted = self._counted(state, rows)
-        t = state.step[rows].view(-1, 1, 1, 1)
-        born_now = counted & (state.born[rows] == t)
+        t = state.step[ri].view(-1, 1, 1, 1)
+        born_now = counted & (state.born[ri] == t)
         keep = torch.maximum(budgets, born_now.sum(-1))
         excess = (counted.sum(-1) - keep).clamp_min(0)
-        secondary = recency_key(state.tau[rows], state.position[rows])
+        secondary = recency_key(state.tau[ri], state.position[ri])
         return select_lowest(self.decayed_crf(state, rows), secondary, counted & ~born_now, excess)
 
     def head_utilisation(self, state: LRFUState, rows: torch.Tensor) -> torch.Tensor:

@@ -43,17 +43,31 @@ def gqa_reduce(probs: torch.Tensor, num_kv_heads: int, mode: str) -> torch.Tenso
     raise ValueError(f"gqa_reduce must be one of {GQA_REDUCE_MODES}, got {mode!r}")
 
 
+def row_index(rows: torch.Tensor, num_rows: int) -> torch.Tensor | slice:
+    """``rows`` as an index; ``slice(None)`` when it is every row in order, so reads are
+    views instead of gathers and writes need no scatter (the common all-rows step)."""
+    if rows.numel() == num_rows and bool(
+        (rows == torch.arange(num_rows, device=rows.device)).all()
+    ):
+        return slice(None)
+    return rows
+
+
 def masked_update(field: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor, value: Any) -> None:
     """``field[rows] = where(mask, value, field[rows])`` in place, for fields with extra dims.
 
     ``mask`` is ``[b, L, H, S]``; a field with trailing dims (``[R, L, H, S, W]``) has the
     mask broadcast over them.
     """
-    current = field[rows]
+    index = row_index(rows, field.shape[0])
+    current = field[index]
     m = mask.view(mask.shape + (1,) * (current.dim() - mask.dim()))
+    if isinstance(index, slice) and not isinstance(value, torch.Tensor):
+        current.masked_fill_(m, value)  # `current` is a view: update in place
+        return
     if not isinstance(value, torch.Tensor):
         value = torch.tensor(value, dtype=field.dtype, device=field.device)
-    field[rows] = torch.where(m, value.to(field.dtype), current)
+    field[index] = torch.where(m, value.to(field.dtype), current)
 
 
 def recency_key(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:

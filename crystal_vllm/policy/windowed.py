@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from crystal_vllm.policy.base import KVPolicy, PolicyState
 from crystal_vllm.policy.configs import RKVConfig, SnapKVConfig
-from crystal_vllm.policy.select import inverse_permutation, select_lowest
+from crystal_vllm.policy.select import inverse_permutation, row_index, select_lowest
 
 #: Bytes of one similarity-matrix chunk in R-KV's redundancy (bounds peak memory).
 _SIMILARITY_CHUNK_BYTES = 256 * 2**20
@@ -56,9 +56,10 @@ class SnapKVPolicy(KVPolicy):
     def observe(
         self, state: WindowState, rows: torch.Tensor, probs: torch.Tensor, **_: Any
     ) -> None:
+        ri = row_index(rows, state.num_rows)
         p = self._reduce(state, probs).to(torch.float32)
-        col = state.step[rows] % self.config.window
-        state.ring[rows, :, :, :, col] = torch.where(state.valid[rows], p, 0.0)
+        col = state.step[ri] % self.config.window
+        state.ring[rows, :, :, :, col] = torch.where(state.valid[ri], p, 0.0)
 
     def select_evictions(
         self,
@@ -68,7 +69,8 @@ class SnapKVPolicy(KVPolicy):
         keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Compress heads holding ``>= budget + buffer`` entries down to their budget."""
-        valid = state.valid[rows]
+        ri = row_index(rows, state.num_rows)
+        valid = state.valid[ri]
         count = valid.sum(-1)
         due = count >= budgets + self.config.buffer
         evict = torch.zeros_like(valid)
