@@ -189,3 +189,22 @@ def test_check_invariants_catches_corruption():
     valid[0, 0, 0, 5] = True
     with pytest.raises(AssertionError, match="outside"):
         t.check_invariants(valid)
+
+
+def test_fallback_takes_pooled_head_blocks_of_the_same_row():
+    t = _tables()
+    t.add_blocks(2, [5])
+    t.add_blocks(0, [6, 9])
+    counts = torch.zeros(2, 2, 3, dtype=torch.long)
+    counts[0, 0, 0] = 12  # row 2: one own head-block + two from its pool
+    counts[1, 1, 2] = 16  # row 0: two own head-blocks + two from its pool
+    counts[1, 0, 1] = 4
+    t.assign_prefill_slots(torch.tensor([2, 0]), counts)  # rows deliberately unsorted
+    hb = LAYOUT.head_block_id
+    assert t.block_tables[2, 0, 0, :3].tolist() == [hb(5, 0, 0), hb(5, 0, 1), hb(5, 0, 2)]
+    assert t.block_tables[0, 1, 2, :4].tolist() == [hb(6, 1, 2), hb(9, 1, 2)] + [
+        hb(6, 0, 0),
+        hb(6, 0, 2),  # (6, 0, 1) went to its own head first
+    ]
+    assert t.block_tables[0, 0, 1, :1].tolist() == [hb(6, 0, 1)]
+    assert t.pool_head_blocks([2, 0]).tolist() == [3, 12 - 5]
