@@ -191,7 +191,8 @@ class TablesMachine(RuleBasedStateMachine):
 
         released = int((held - torch.minimum(held, keep)).sum())
         assert int(self.t.pool_size[row]) == pooled + released
-        assert set(plan.src[plan.src >= 0].tolist()).isdisjoint(plan.dst[plan.dst >= 0].tolist())
+        for src, dst in zip(plan.src.flatten(0, 2), plan.dst.flatten(0, 2), strict=True):
+            assert set(src[src >= 0].tolist()).isdisjoint(dst[dst >= 0].tolist())
         ops.move_entries(self.pool, plan.block_tables, plan.src, plan.dst)
         plan.apply(self.ids, fill=-1)
         plan.apply(self.valid, fill=False)
