@@ -135,7 +135,6 @@ def _unsupported_reasons(vllm_config) -> list[str]:
 class CrystalPlatformMixin:
     """Adds crystal-vllm to whichever built-in platform class it is mixed into."""
 
-    crystal_config: ClassVar[CrystalKVConfig | None] = None
     #: Policies this platform can serve. Anything else refuses to start rather than
     #: silently serving full KV under another name.
     servable_policies: ClassVar[frozenset[str]] = frozenset()
@@ -165,7 +164,6 @@ class CrystalPlatformMixin:
                 )
             vllm_config.additional_config = {**merged, **config.to_additional_config()}
             cls._configure_for_compression(vllm_config)
-        cls.crystal_config = config
         super().check_and_update_config(vllm_config)
 
     @classmethod
@@ -207,7 +205,12 @@ class CrystalPlatformMixin:
         default = super().get_attn_backend_cls(
             selected_backend, attn_selector_config, *args, **kwargs
         )
-        if cls.crystal_config is not None and cls.crystal_config.enabled:
+        # Worker processes receive the VllmConfig pickled, without check_and_update_config
+        # having run there: read the policy from the config being built.
+        from vllm.config import get_current_vllm_config
+
+        additional = get_current_vllm_config().additional_config or {}
+        if additional.get("kv_policy", NO_POLICY) != NO_POLICY:
             return BACKEND_CLS
         return default
 

@@ -45,22 +45,28 @@ def test_bad_flag_value_refuses_to_start(tiny_model) -> None:
     assert "--kv-budget 0 is invalid: it must be an integer >= 1" in result.stderr + result.stdout
 
 
-def test_server_answers_the_openai_api(tiny_model) -> None:
+@pytest.mark.parametrize(
+    "policy_args",
+    [
+        ["--kv-policy", "none"],
+        ["--kv-policy", "crystal", "--kv-budget", "16", "--block-size", "32"],
+    ],
+    ids=["none", "crystal"],
+)
+def test_server_answers_the_openai_api(tiny_model, policy_args) -> None:
     openai = pytest.importorskip("openai")
-    with serve(
-        tiny_model, ["--enforce-eager", "--max-model-len", "512", "--kv-policy", "none"]
-    ) as srv:
+    with serve(tiny_model, ["--enforce-eager", "--max-model-len", "512", *policy_args]) as srv:
         client = openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused")
         model = client.models.list().data[0].id
 
         completion = client.completions.create(
             model=model,
-            prompt="Hello there",
-            max_tokens=8,
+            prompt="Hello there " * 10,
+            max_tokens=40,
             temperature=0.0,
             extra_body={"ignore_eos": True},
         )
-        assert completion.usage.completion_tokens == 8
+        assert completion.usage.completion_tokens == 40
         assert isinstance(completion.choices[0].text, str)
 
         chat = client.chat.completions.create(
