@@ -212,10 +212,9 @@ class HeadBlockTables:
         rows = _as_rows(rows, self.device)
         if self.debug:
             self._check_rows(rows)
-        free = ~valid[rows]
-        slot = free.to(torch.uint8).argmax(dim=-1)  # first free slot (0 if none is free)
-        has_free = free.gather(-1, slot.unsqueeze(-1)).squeeze(-1)
-        if bool((need & ~has_free).any()):
+        # max() returns the first maximal index: the lowest free slot (0 when none is free).
+        has_free, slot = (~valid[rows]).view(torch.uint8).max(dim=-1)
+        if bool((need & (has_free == 0)).any()):
             raise RuntimeError(
                 "assign_slots: a head needs a slot but all its "
                 f"{self.num_slots} slots (max_head_blocks={self.max_head_blocks}) are live"
@@ -256,8 +255,8 @@ class HeadBlockTables:
             )
         else:
             free = ~valid[rows]
-        rank = free.long().cumsum(dim=-1) - 1
-        if bool((free.sum(-1) < num_tokens).any()):
+        rank = free.cumsum(dim=-1, dtype=torch.int32) - 1
+        if bool((rank[..., -1] + 1 < num_tokens).any()):
             raise RuntimeError(
                 f"assign_prefill_slots: a head needs more slots than its {self.num_slots} "
                 f"(max_head_blocks={self.max_head_blocks}) can hold"
@@ -300,8 +299,10 @@ class HeadBlockTables:
         inside = slot < kept.unsqueeze(-1) * self.layout.block_size
         movers = live & ~inside
         holes = ~live & inside
-        num_moves = movers.sum(-1)
-        short = num_moves > holes.sum(-1)
+        mover_rank = movers.cumsum(dim=-1, dtype=torch.int32)  # 1-based at set positions
+        hole_rank = holes.cumsum(dim=-1, dtype=torch.int32)
+        num_moves = mover_rank[..., -1]
+        short = num_moves > hole_rank[..., -1]
         if bool(short.any()):
             b, la, h = (int(x[0]) for x in short.nonzero(as_tuple=True))
             raise RuntimeError(
@@ -311,8 +312,8 @@ class HeadBlockTables:
                 "evict before shrinking"
             )
         width = int(num_moves.max()) if num_moves.numel() else 0
-        src = self._ranked_slots(movers, num_moves, width)
-        dst = self._ranked_slots(holes, num_moves, width)
+        src = self._ranked_slots(movers, mover_rank, num_moves, width)
+        dst = self._ranked_slots(holes, hole_rank, num_moves, width)
 
         tables = self.block_tables[rows]
         position = torch.arange(self.max_head_blocks, device=self.device)
@@ -406,13 +407,17 @@ class HeadBlockTables:
         )
 
     @staticmethod
-    def _ranked_slots(mask: torch.Tensor, count: torch.Tensor, width: int) -> torch.Tensor:
-        """The first ``count`` set positions of ``mask [..., S]``, ascending, ``-1`` padded."""
-        rank = mask.long().cumsum(dim=-1) - 1
-        take = mask & (rank < count.unsqueeze(-1))
+    def _ranked_slots(
+        mask: torch.Tensor, seen: torch.Tensor, count: torch.Tensor, width: int
+    ) -> torch.Tensor:
+        """The first ``count`` set positions of ``mask [..., S]``, ascending, ``-1`` padded.
+
+        ``seen`` is ``mask``'s int32 cumsum along the last dim (shared with the caller).
+        """
+        take = mask & (seen <= count.to(torch.int32).unsqueeze(-1))
         out = torch.full((*count.shape, width), -1, dtype=torch.long, device=mask.device)
         *lead, s = take.nonzero(as_tuple=True)
-        out[(*lead, rank[(*lead, s)])] = s
+        out[(*lead, seen[(*lead, s)].long() - 1)] = s
         return out
 
     def _attach(self, rows: torch.Tensor, extra: torch.Tensor) -> None:

@@ -55,13 +55,13 @@ def _slot_to_head_block(
     return mask, head_block, safe % block_size
 
 
-def _gather_blocks(kv_pool: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """``[..., MB]`` head-block ids -> ``[..., 2, MB * block_size, D]``; unused ids read 0."""
-    ids = block_tables.long()
-    blocks = kv_pool[ids.clamp_min(0)]  # [..., MB, 2, bs, D]
-    blocks = blocks.masked_fill((ids < 0)[..., None, None, None], 0)
-    *lead, mb, two, bs, d = blocks.shape
-    return blocks.movedim(-3, -4).reshape(*lead, two, mb * bs, d)
+def _gather(kv_pool: torch.Tensor, block_tables: torch.Tensor, which: int) -> torch.Tensor:
+    """K (``which=0``) or V (1) of ``[..., MB]`` head-blocks as ``[..., MB * bs, D]``.
+
+    Unused (``-1``) entries read head-block 0; callers mask them.
+    """
+    blocks = kv_pool[:, which][block_tables.long().clamp_min(0)]  # [..., MB, bs, D]
+    return blocks.flatten(-3, -2)
 
 
 def write_kv(
@@ -116,9 +116,11 @@ def gather_kv(
         num_slots = capacity
     if not 0 <= num_slots <= capacity:
         raise ValueError(f"gather_kv: num_slots={num_slots} must be in [0, {capacity}]")
-    needed = -(-num_slots // block_size)
-    kv = _gather_blocks(kv_pool, block_tables[..., :needed])[..., :num_slots, :]
-    return kv.select(-3, 0), kv.select(-3, 1)
+    tables = block_tables[..., : -(-num_slots // block_size)]
+    unused = (tables < 0).repeat_interleave(block_size, dim=-1)[..., :num_slots, None]
+    keys = _gather(kv_pool, tables, 0)[..., :num_slots, :].masked_fill_(unused, 0)
+    values = _gather(kv_pool, tables, 1)[..., :num_slots, :].masked_fill_(unused, 0)
+    return keys, values
 
 
 def paged_decode_attention(
@@ -164,23 +166,25 @@ def paged_decode_attention(
         )
     needed = -(-s // block_size)
     tables = block_tables[..., :needed]
-    unassigned = (tables < 0).repeat_interleave(block_size, dim=-1)[..., :s]
-    if bool((valid & unassigned).any()):
+    padded = torch.nn.functional.pad(valid, (0, needed * block_size - s))
+    if bool((padded.view(b, h, needed, block_size).any(-1) & (tables < 0)).any()):
         raise ValueError("paged_decode_attention: a valid slot lies in an unassigned head-block")
 
-    kv = _gather_blocks(kv_pool, tables)[..., :s, :].float()  # [b, H, 2, S, D]
-    # Zero dead slots: free memory may hold NaN/inf bit patterns and 0 * NaN is NaN.
-    kv = kv.masked_fill(~valid[:, :, None, :, None], 0.0)
-    k, v = kv[:, :, 0], kv[:, :, 1]
+    # Both gathers return fresh tensors (float() copies or is a no-op on them), so the
+    # in-place masking below never touches the pool.
+    k = _gather(kv_pool, tables, 0)[:, :, :s].float()  # [b, H, S, D]
+    v = _gather(kv_pool, tables, 1)[:, :, :s].float()
+    # Zero dead values: free memory may hold NaN/inf bit patterns and 0 * NaN is NaN.
+    # Dead keys need no care: their scores are overwritten with -inf.
+    v.masked_fill_(~valid.unsqueeze(-1), 0.0)
     q = query.float().view(b, h, hq // h, d)
-    scores = torch.einsum("bhgd,bhsd->bhgs", q, k) * scale
-    scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [b, H, G, S]
+    scores.masked_fill_(~valid.unsqueeze(2), float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    weights = torch.exp(scores - row_max)  # exp(-inf) == 0 exactly
-    denom = weights.sum(dim=-1, keepdim=True)
-    probs = weights / denom.clamp_min(torch.finfo(torch.float32).tiny)
-    out = torch.einsum("bhgs,bhsd->bhgd", probs, v)
+    probs = scores.sub_(row_max).exp_()  # exp(-inf) == 0 exactly
+    probs.div_(probs.sum(dim=-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny))
+    out = torch.matmul(probs, v)
     return out.reshape(b, hq, d).to(query.dtype), probs.reshape(b, hq, s)
 
 
