@@ -146,8 +146,13 @@ class HeadBlockTables:
         tokens), so it validates its inputs, at the cost of a host sync.
         """
         rows = _as_rows(rows, self.device)
-        block_ids = block_ids.to(self.device, torch.long).reshape(rows.numel(), -1)
         self._check_rows(rows)
+        block_ids = block_ids.to(self.device, torch.long)
+        if block_ids.dim() != 2 or block_ids.shape[0] != rows.numel():
+            raise ValueError(
+                f"add_blocks_batch: block_ids must be [{rows.numel()}, k], "
+                f"got {tuple(block_ids.shape)}"
+            )
         mask = block_ids >= 0
         new = block_ids[mask]
         if new.numel() == 0:
@@ -176,7 +181,11 @@ class HeadBlockTables:
         self._after_mutation()
 
     def release(self, rows: torch.Tensor | Sequence[int]) -> None:
-        """Forget ``rows`` (finished, aborted or preempted requests): all blocks go back."""
+        """Forget ``rows`` (finished, aborted or preempted requests): all blocks go back.
+
+        Only the bookkeeping is reset; the caller clears its own per-entry state
+        (``valid`` and the policy tensors) for these rows.
+        """
         rows = _as_rows(rows, self.device)
         self._check_rows(rows)
         granted = self.granted[rows].long()
@@ -210,6 +219,7 @@ class HeadBlockTables:
             PoolExhaustedError: a row's pool cannot supply the head-blocks needed.
         """
         rows = _as_rows(rows, self.device)
+        self._check_valid(valid)
         if self.debug:
             self._check_rows(rows)
         # max() returns the first maximal index: the lowest free slot (0 when none is free).
@@ -254,6 +264,7 @@ class HeadBlockTables:
                 device=self.device,
             )
         else:
+            self._check_valid(valid)
             free = ~valid[rows]
         rank = free.cumsum(dim=-1, dtype=torch.int32) - 1
         if bool((rank[..., -1] + 1 < num_tokens).any()):
@@ -292,6 +303,7 @@ class HeadBlockTables:
         keep = keep_head_blocks.to(self.device, torch.long)
         if bool((keep < 0).any()):
             raise ValueError(f"plan_shrink: keep_head_blocks must be >= 0, got {int(keep.min())}")
+        self._check_valid(valid)
         held = self.num_head_blocks[rows].long()
         kept = torch.minimum(held, keep)
         live = valid[rows]
@@ -395,6 +407,15 @@ class HeadBlockTables:
             raise ValueError(f"row index out of range [0, {self.max_rows}): {rows.tolist()}")
         if rows.unique().numel() != rows.numel():
             raise ValueError(f"rows must be distinct: {rows.tolist()}")
+
+    def _check_valid(self, valid: torch.Tensor) -> None:
+        lay = self.layout
+        expected = (self.max_rows, lay.num_layers, lay.num_kv_heads, self.num_slots)
+        if valid.shape != expected or valid.dtype != torch.bool:
+            raise ValueError(
+                f"valid must be a bool tensor of shape [max_rows, L, H, S] = {expected}, "
+                f"got {valid.dtype} {tuple(valid.shape)}"
+            )
 
     def _after_mutation(self) -> None:
         if self.debug:

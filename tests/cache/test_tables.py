@@ -208,3 +208,12 @@ def test_fallback_takes_pooled_head_blocks_of_the_same_row():
     ]
     assert t.block_tables[0, 0, 1, :1].tolist() == [hb(6, 0, 1)]
     assert t.pool_head_blocks([2, 0]).tolist() == [3, 12 - 5]
+
+
+def test_inputs_with_wrong_shapes_are_rejected():
+    t = _tables()
+    t.add_blocks(0, [])  # nothing granted is fine
+    with pytest.raises(ValueError, match=r"\[max_rows, L, H, S\] = \(4, 2, 3, 32\)"):
+        t.assign_slots(torch.tensor([0]), torch.zeros(4, 2, 3, 16, dtype=torch.bool), None)
+    with pytest.raises(ValueError, match=r"block_ids must be \[2, k\]"):
+        t.add_blocks_batch([0, 1], torch.tensor([1, 2]))
