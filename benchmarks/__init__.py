@@ -1,0 +1,1 @@
+"""Benchmark scripts of crystal-vllm; shared helpers live in :mod:`benchmarks.common`."""
