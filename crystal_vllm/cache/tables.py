@@ -22,15 +22,12 @@ Tensors live on one device; the per-step paths are batched over rows, layers and
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from crystal_vllm.cache.layout import HeadBlockLayout
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["HeadBlockTables", "PoolExhaustedError", "ShrinkPlan"]
 
