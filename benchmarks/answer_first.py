@@ -191,13 +191,12 @@ def split_stages(
 @dataclass
 class Labels:
     """Crystal/Slip masks over the ``a`` think tokens: global ``[a]`` and per head
-    ``[L, Hkv, a]``; ``scores`` is the global answer-attention score ``[a]``."""
+    ``[L, Hkv, a]``."""
 
     crystal: torch.Tensor
     slip: torch.Tensor
     crystal_head: torch.Tensor
     slip_head: torch.Tensor
-    scores: torch.Tensor
 
 
 def answer_attention(trace: Trace, think_len: int) -> torch.Tensor:
@@ -231,7 +230,7 @@ def label_think_tokens(
     crystal, slip = _extremes(scores, count)
     per_head = attn.unflatten(1, (num_kv_heads, -1)).mean(2)  # [L, Hkv, a]
     crystal_head, slip_head = _extremes(per_head, count)
-    return Labels(crystal, slip, crystal_head, slip_head, scores)
+    return Labels(crystal, slip, crystal_head, slip_head)
 
 
 # --------------------------------------------------------------------------- replay
@@ -266,12 +265,14 @@ def replay_policy(
     think_len: int,
     labels: Labels,
     budgets: Sequence[int],
-    realloc_interval: int | None = None,
 ) -> list[ReplayMetrics]:
     """Replay ``policy`` over the think stage once per budget (budgets are state rows).
 
     Slot ``i`` holds position ``i`` (no slot reuse: the replay never runs out of slots).
+    Policies with adaptive budgets get Algorithm 2 every ``realloc_interval`` steps of
+    their own step counter, once the row's cache has filled (ALGORITHM.md §3).
     """
+    realloc_interval = policy.config.realloc_interval if policy.adaptive_budgets else None
     num_layers, num_q_heads = trace.decode_probs[0].shape[:2]
     num_kv_heads = trace.keys.shape[1]
     group = num_q_heads // num_kv_heads
@@ -605,8 +606,7 @@ def analyse_problem(
         labels = label_think_tokens(trace, think_len, num_kv_heads, args.crystal_fraction)
         budgets = [max(1, round(f * think_len)) for f in args.budgets]
         for name, policy in policies.items():
-            interval = policy.config.realloc_interval if policy.adaptive_budgets else None
-            results = replay_policy(policy, trace, think_len, labels, budgets, interval)
+            results = replay_policy(policy, trace, think_len, labels, budgets)
             record.metrics[name] = [asdict(m) for m in results]
     record.seconds = time.perf_counter() - start
     return record

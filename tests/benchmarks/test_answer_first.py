@@ -25,19 +25,22 @@ def _row(n: int, focus: list[int], focus_mass: float) -> torch.Tensor:
     return p
 
 
-def synthetic_trace() -> af.Trace:
-    """One layer, two query heads sharing one KV head. Every think step and every answer
-    step puts most of its attention on the CRYSTAL think tokens that exist so far."""
+def synthetic_trace(layers: int = 1) -> af.Trace:
+    """Two query heads sharing one KV head per layer. In layer 0 every think step and every
+    answer step puts most of its attention on the CRYSTAL think tokens that exist so far;
+    further layers attend uniformly."""
     decode = []
     for k in range(THINK + ANSWER):
         n = PROMPT + k + 1
         focus = [PROMPT + c for c in CRYSTAL if c <= k]
-        p = _row(n, focus, 0.95 if k >= THINK else 0.9)
-        decode.append(torch.stack([p, p]).unsqueeze(0).to(torch.float16))
-    prefill = torch.zeros(1, 2, PROMPT, PROMPT)
+        per_layer = [_row(n, focus, 0.95 if k >= THINK else 0.9)]
+        per_layer += [_row(n, [], 0.0)] * (layers - 1)
+        decode.append(torch.stack([torch.stack([p, p]) for p in per_layer]).to(torch.float16))
+    prefill = torch.zeros(layers, 2, PROMPT, PROMPT)
     for i in range(PROMPT):
-        prefill[0, :, i, : i + 1] = 1.0 / (i + 1)
-    keys = torch.randn(1, 1, PROMPT + THINK + ANSWER, 4, generator=torch.Generator().manual_seed(0))
+        prefill[:, :, i, : i + 1] = 1.0 / (i + 1)
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(layers, 1, PROMPT + THINK + ANSWER, 4, generator=gen)
     return af.Trace(
         prompt_len=PROMPT,
         tokens=list(range(THINK + ANSWER)),
@@ -60,12 +63,10 @@ def test_labels_find_the_attended_think_tokens() -> None:
         af.answer_attention(trace, THINK + ANSWER)
 
 
-def _replay(name: str, budget: int) -> af.ReplayMetrics:
-    trace = synthetic_trace()
+def _replay(name: str, budget: int, layers: int = 1, **params: object) -> af.ReplayMetrics:
+    trace = synthetic_trace(layers)
     labels = af.label_think_tokens(trace, THINK, num_kv_heads=1)
-    policy = make_policy(name)
-    interval = policy.config.realloc_interval if policy.adaptive_budgets else None
-    (metrics,) = af.replay_policy(policy, trace, THINK, labels, [budget], interval)
+    (metrics,) = af.replay_policy(make_policy(name, params), trace, THINK, labels, [budget])
     return metrics
 
 
@@ -96,6 +97,18 @@ def test_replay_metrics_are_bounded(name: str) -> None:
     for value in (m.crystal_recall, m.slip_kept, m.think_kept, m.mass_kept, m.answer_mass_kept):
         assert 0.0 <= value <= 1.0 + 1e-6
     assert m.held_per_head <= make_policy(name).max_resident(10)
+
+
+def test_replay_crystal_moves_budget_between_layers() -> None:
+    """Algorithm 2 runs during the replay: the total is kept, the split becomes uneven."""
+    trace = synthetic_trace(layers=2)
+    labels = af.label_think_tokens(trace, THINK, num_kv_heads=1)
+    policy = make_policy("crystal", {"realloc_interval": 4, "min_tokens": 0, "floor_ratio": 0.0})
+    (adaptive,) = af.replay_policy(policy, trace, THINK, labels, [8])
+    assert adaptive.held_per_head == 8  # mean over the two layers: the total is unchanged
+    lite = make_policy("crystal-lite")
+    (uniform,) = af.replay_policy(lite, trace, THINK, labels, [8])
+    assert adaptive.think_kept != uniform.think_kept
 
 
 class _CharTokenizer:
