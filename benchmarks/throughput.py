@@ -107,12 +107,13 @@ def run_case(spec: dict) -> dict:
     start = time.perf_counter()
     first_token: dict[str, float] = {}
     finished: dict[str, tuple[float, int]] = {}
-    peak_running = peak_blocks = steps = 0
+    peak_running = peak_blocks = steps = running_sum = 0
     while engine.has_unfinished_requests():
         outputs = engine.step()
         now = time.perf_counter() - start
         steps += 1
         peak_running = max(peak_running, len(scheduler.running))
+        running_sum += len(scheduler.running)
         peak_blocks = max(peak_blocks, pool.num_gpu_blocks - 1 - pool.get_num_free_blocks())
         for out in outputs:
             if out.outputs and out.outputs[0].token_ids:
@@ -139,6 +140,7 @@ def run_case(spec: dict) -> dict:
         "generated_tokens": generated,
         "output_tok_s": generated / elapsed,
         "peak_running": peak_running,
+        "mean_running": running_sum / max(steps, 1),
         "peak_blocks": peak_blocks,
         "total_blocks": pool.num_gpu_blocks - 1,
         "peak_kv_bytes": peak_blocks * spec["page_bytes"],
@@ -218,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
                 r["output_tok_s"],
                 r["output_tok_s"] / base["output_tok_s"] if base else float("nan"),
                 r["peak_running"],
-                r["peak_running"] / base["peak_running"] if base else float("nan"),
+                r["mean_running"],
+                r["mean_running"] / base["mean_running"] if base else float("nan"),
                 r["peak_kv_bytes"] / 2**20,
                 r["ttft_median_s"],
                 r["tpot_median_s"] * 1000,
@@ -231,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         "tok/s",
         "x none",
         "peak running",
+        "mean running",
         "x none",
         "peak KV MiB",
         "TTFT s (median)",
