@@ -24,6 +24,7 @@ from crystal_vllm.config import CrystalKVConfig
 from crystal_vllm.runtime import CompressedKVCache, StepRequest
 from crystal_vllm.vllm_ext import runner_registry
 from crystal_vllm.vllm_ext.kv_spec import CrystalAttentionSpec, request_cap_blocks
+from crystal_vllm.vllm_ext.request_params import request_budget
 
 logger = init_logger(__name__)
 
@@ -35,6 +36,7 @@ class CrystalCPUModelRunner(CPUModelRunner):
         self.crystal_policy = self.crystal_config.make_policy()
         self.crystal_cache: CompressedKVCache | None = None
         self.crystal_layer_index: dict[str, int] = {}
+        self._budgets: dict[str, int] = {}
         runner_registry.register(self)
 
     # -- KV-cache spec and allocation ---------------------------------------------------
@@ -113,10 +115,17 @@ class CrystalCPUModelRunner(CPUModelRunner):
                     num_new_tokens=new_tokens,
                     num_computed_tokens=seq_lens[i] - new_tokens,
                     block_ids=state.block_ids[0],
-                    budget=self.crystal_config.budget,
+                    budget=self._request_budget(req_id, state),
                 )
             )
         self.crystal_cache.begin_step(batch)
+
+    def _request_budget(self, req_id: str, state) -> int:
+        budget = self._budgets.get(req_id)
+        if budget is None:
+            extra = state.sampling_params.extra_args if state.sampling_params else None
+            budget = self._budgets[req_id] = request_budget(extra, self.crystal_config)
+        return budget
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         try:
@@ -135,6 +144,7 @@ class CrystalCPUModelRunner(CPUModelRunner):
 
     def _on_request_state_removed(self, req_id, req_state) -> None:
         super()._on_request_state_removed(req_id, req_state)
+        self._budgets.pop(req_id, None)
         if self.crystal_cache is not None:
             self.crystal_cache.release(req_id)
 

@@ -26,6 +26,7 @@ from crystal_vllm.config import (
 logger = init_logger(__name__)
 
 WORKER_CLS = "crystal_vllm.vllm_ext.model_runner.CrystalCPUWorker"
+SCHEDULER_CLS = "crystal_vllm.vllm_ext.scheduler.CrystalScheduler"
 BACKEND_CLS = "crystal_vllm.vllm_ext.backend.CrystalAttentionBackend"
 
 #: Values given on this process's command line, merged into ``additional_config``
@@ -33,7 +34,15 @@ BACKEND_CLS = "crystal_vllm.vllm_ext.backend.CrystalAttentionBackend"
 #: which is also where the ``VllmConfig`` that every other process receives is built).
 _cli_values: dict[str, Any] = {}
 
+#: This process's validated configuration, once check_and_update_config has run here.
+_server_config: CrystalKVConfig | None = None
+
 ARG_GROUP = "CrystalKV"
+
+
+def server_config() -> CrystalKVConfig | None:
+    """The configuration validated in this process (None before the config is built)."""
+    return _server_config
 
 
 class _StoreForAdditionalConfig(argparse.Action):
@@ -164,6 +173,8 @@ class CrystalPlatformMixin:
                 )
             vllm_config.additional_config = {**merged, **config.to_additional_config()}
             cls._configure_for_compression(vllm_config)
+        global _server_config
+        _server_config = config
         super().check_and_update_config(vllm_config)
 
     @classmethod
@@ -180,6 +191,13 @@ class CrystalPlatformMixin:
             scheduler_config.enable_chunked_prefill = False
         if scheduler_config.max_num_batched_tokens < max_model_len:
             scheduler_config.max_num_batched_tokens = max_model_len
+        if scheduler_config.scheduler_cls in (None, SCHEDULER_CLS):
+            scheduler_config.scheduler_cls = SCHEDULER_CLS
+        else:
+            raise ValueError(
+                f"--kv-policy needs scheduler class {SCHEDULER_CLS}, but --scheduler-cls is "
+                f"{scheduler_config.scheduler_cls}"
+            )
         if vllm_config.parallel_config.worker_cls in ("auto", WORKER_CLS):
             vllm_config.parallel_config.worker_cls = WORKER_CLS
         else:

@@ -91,6 +91,29 @@ def test_server_answers_the_openai_api(tiny_model, policy_args) -> None:
         assert len(pieces) >= 2
         assert "".join(pieces)
 
+        if "crystal" in policy_args:
+            _check_per_request_budget(openai, client, model)
+
+
+def _check_per_request_budget(openai, client, model: str) -> None:
+    """A bad kv_budget is an HTTP 400 for that request only; a good one is served."""
+    with pytest.raises(openai.BadRequestError, match=r"kv_budget 100000 is invalid.*\[1, 16\]"):
+        client.completions.create(
+            model=model, prompt="x", max_tokens=4, extra_body={"vllm_xargs": {"kv_budget": 100000}}
+        )
+    with pytest.raises(openai.BadRequestError, match="unknown per-request KV option"):
+        client.completions.create(
+            model=model, prompt="x", max_tokens=4, extra_body={"vllm_xargs": {"kv_budgt": 8}}
+        )
+    small = client.completions.create(
+        model=model,
+        prompt="Hello there " * 10,
+        max_tokens=40,
+        temperature=0.0,
+        extra_body={"ignore_eos": True, "vllm_xargs": {"kv_budget": 8}},
+    )
+    assert small.usage.completion_tokens == 40
+
 
 def _generate(model: Path, additional_config: dict, plugins: str | None) -> dict:
     env = dict(os.environ)
