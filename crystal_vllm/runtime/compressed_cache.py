@@ -395,6 +395,31 @@ class CompressedKVCache:
         if bool((held > bound).any()):
             raise AssertionError("a head holds more entries than its budget allows")
 
+    def summary(self) -> dict[str, object]:
+        """Counters and occupancy for logs: evictions, reallocations, head-blocks in use and
+        the mean entries kept per (layer, KV head) of each layer over running requests."""
+        rows = sorted(self._rows.values())
+        kept = (
+            self.state.valid[rows].sum(dim=-1).float().mean(dim=(0, 2)).round().tolist()
+            if rows
+            else []
+        )
+        return {
+            "requests": len(rows),
+            "evictions": self.stats.evictions + self.stats.prefill_evictions,
+            "reallocations": self.stats.reallocations,
+            "head_blocks_in_use": int(self.tables.num_head_blocks.sum()),
+            "kept_per_layer": kept,
+        }
+
+    def request_ids(self) -> list[str]:
+        """Requests that hold rows now."""
+        return list(self._rows)
+
+    def rows_of(self, req_ids) -> list[int]:
+        """Rows of those of ``req_ids`` that hold one."""
+        return [self._rows[r] for r in req_ids if r in self._rows]
+
     def held_entries(self, req_id: str) -> torch.Tensor:
         """Entries each (layer, KV head) of a request holds now: ``[L, H]``."""
         return self.state.valid[self._rows[req_id]].sum(dim=-1)

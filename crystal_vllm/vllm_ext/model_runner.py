@@ -12,6 +12,7 @@ platform when a policy is active); the worker builds this runner, which
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 from vllm.logger import init_logger
@@ -28,6 +29,9 @@ from crystal_vllm.vllm_ext.request_params import request_budget
 
 logger = init_logger(__name__)
 
+#: Seconds between two log lines with the cache counters (like vLLM's own stats line).
+STATS_LOG_INTERVAL_S = 10.0
+
 
 class CrystalCPUModelRunner(CPUModelRunner):
     def __init__(self, vllm_config, device) -> None:
@@ -37,6 +41,7 @@ class CrystalCPUModelRunner(CPUModelRunner):
         self.crystal_cache: CompressedKVCache | None = None
         self.crystal_layer_index: dict[str, int] = {}
         self._budgets: dict[str, int] = {}
+        self._last_log = time.monotonic()
         runner_registry.register(self)
 
     # -- KV-cache spec and allocation ---------------------------------------------------
@@ -133,6 +138,23 @@ class CrystalCPUModelRunner(CPUModelRunner):
         finally:
             if self.crystal_cache is not None and self.crystal_cache.in_step:
                 self.crystal_cache.end_step()
+                self._maybe_log_stats()
+
+    def _maybe_log_stats(self) -> None:
+        now = time.monotonic()
+        if now - self._last_log < STATS_LOG_INTERVAL_S:
+            return
+        self._last_log = now
+        summary = self.crystal_cache.summary()
+        logger.info(
+            "crystal-vllm: %d running, %d evictions, %d budget reallocations, %d head-blocks "
+            "in use; mean kept entries per (layer, KV head) by layer: %s",
+            summary["requests"],
+            summary["evictions"],
+            summary["reallocations"],
+            summary["head_blocks_in_use"],
+            summary["kept_per_layer"],
+        )
 
     def _update_states(self, scheduler_output):
         # Preempted requests keep their runner state but lose their blocks; vLLM will

@@ -76,3 +76,32 @@ def test_vanilla_config_passes_through(tiny_model) -> None:
 def test_bad_values_refuse_to_build_the_engine_config(tiny_model, additional, message) -> None:
     with pytest.raises(ValueError, match=message):
         _engine_config(tiny_model, **additional)
+
+
+@pytest.mark.parametrize(
+    ("engine_kwargs", "reason"),
+    [
+        ({"kv_cache_dtype": "fp8"}, "quantised KV cache"),
+        ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
+    ],
+)
+def test_unsupported_combinations_fail_closed(tiny_model, engine_kwargs, reason) -> None:
+    args = EngineArgs(
+        model=str(tiny_model),
+        enforce_eager=True,
+        max_model_len=512,
+        additional_config={"kv_policy": "crystal"},
+        **engine_kwargs,
+    )
+    with pytest.raises(ValueError, match=f"does not support {reason}"):
+        args.create_engine_config()
+
+
+def test_compression_turns_off_prefix_caching_and_chunked_prefill(tiny_model) -> None:
+    config = _engine_config(tiny_model, kv_policy="crystal", kv_budget=64)
+    assert not config.cache_config.enable_prefix_caching
+    assert not config.scheduler_config.enable_chunked_prefill
+    assert config.scheduler_config.max_num_batched_tokens >= 512
+    assert config.parallel_config.worker_cls == crystal_platform.WORKER_CLS
+    assert config.scheduler_config.scheduler_cls == crystal_platform.SCHEDULER_CLS
+    assert config.additional_config["kv_budget"] == 64

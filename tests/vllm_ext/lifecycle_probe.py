@@ -1,0 +1,103 @@
+"""Drive an in-process engine through many requests, aborts and preemptions; print JSON.
+
+Checks each step that no request holds more vLLM blocks than its cap, and reports the
+free blocks and the runtime's leftover rows at the end. Used by test_lifecycle.py.
+    python lifecycle_probe.py MODEL POLICY BUDGET NUM_REQUESTS NUM_BLOCKS
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+
+def main() -> None:
+    model, policy, budget, num_requests, num_blocks = sys.argv[1:6]
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(
+        model=model,
+        enforce_eager=True,
+        max_model_len=512,
+        block_size=32,
+        num_gpu_blocks_override=int(num_blocks),
+        max_num_seqs=16,
+        distributed_executor_backend="uni",
+        seed=0,
+        additional_config={
+            "kv_policy": policy,
+            "kv_budget": int(budget),
+            "kv_policy_config": {"debug_checks": True},
+        },
+    )
+    engine = llm.llm_engine
+    core = engine.engine_core.engine_core
+    scheduler = core.scheduler
+    (manager,) = scheduler.kv_cache_manager.coordinator.single_type_managers
+    runner = core.model_executor.driver_worker.worker.model_runner
+    rng = random.Random(0)
+    pending = list(range(int(num_requests)))
+    live: set[str] = set()
+    max_over_cap = 0
+    aborted = 0
+    preempted: set[str] = set()
+    last_finished: set[str] = set()
+    while pending or engine.has_unfinished_requests():
+        while pending and len(live) < 24:
+            i = pending.pop()
+            prompt = [rng.randrange(10, 1000) for _ in range(rng.randrange(1, 300))]
+            extra = {"kv_budget": rng.randrange(8, int(budget) + 1)} if i % 3 == 0 else None
+            params = SamplingParams(
+                temperature=0.0,
+                max_tokens=rng.randrange(1, 120),
+                ignore_eos=True,
+                extra_args=extra,
+            )
+            engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt), params)
+            live.add(str(i))
+        outputs = engine.step()
+        if outputs:
+            last_finished = {out.request_id for out in outputs if out.finished}
+        for out in outputs:
+            if out.finished:
+                live.discard(out.request_id)
+        if live and rng.random() < 0.05:
+            victim = rng.choice(sorted(live))
+            engine.abort_request([victim])
+            live.discard(victim)
+            aborted += 1
+        preempted.update(r.request_id for r in scheduler.requests.values() if r.num_preemptions)
+        for req_id, blocks in manager.req_to_blocks.items():
+            cap = manager.resident_tokens(req_id, 10**9) // manager.block_size
+            max_over_cap = max(max_over_cap, len(blocks) - cap)
+    pool = scheduler.kv_cache_manager.block_pool
+    print(
+        json.dumps(
+            {
+                "free_blocks": pool.get_num_free_blocks(),
+                "total_blocks": pool.num_gpu_blocks,
+                "max_over_cap": max_over_cap,
+                "aborted": aborted,
+                # The worker hears of the last step's finished requests with the next
+                # step, so their rows may still be held here.
+                "runtime_rows_left": sorted(runner.crystal_cache.request_ids()),
+                "finished_in_last_step": sorted(last_finished),
+                "head_blocks_held": int(runner.crystal_cache.tables.num_head_blocks.sum()),
+                "head_blocks_held_by_others": int(
+                    runner.crystal_cache.tables.num_head_blocks.sum()
+                    - sum(
+                        int(runner.crystal_cache.tables.num_head_blocks[row].sum())
+                        for row in runner.crystal_cache.rows_of(last_finished)
+                    )
+                ),
+                "evictions": runner.crystal_cache.stats.evictions,
+                "preempted_requests": len(preempted),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
