@@ -22,7 +22,12 @@ ADDITIONAL_CONFIG_KEYS = ("kv_policy", "kv_budget", "kv_policy_config")
 
 #: Keys of ``--kv-policy-config`` that the serving layer consumes itself; every other
 #: key is a parameter of the policy and is validated by the policy's own config class.
-SERVING_KEYS = ("think_end_token", "debug_checks")
+SERVING_KEYS = ("think_end_token", "answer_reserve", "debug_checks")
+
+#: ``think_end_token`` value meaning "this model has no think stage".
+NO_THINK_TOKEN = -1
+
+DEFAULT_ANSWER_RESERVE = 1024
 
 DEFAULT_BUDGET = 1024
 
@@ -42,8 +47,12 @@ class CrystalKVConfig:
         policy: ``none`` (vanilla vLLM) or a policy of :mod:`crystal_vllm.policy`.
         budget: average KV entries kept per (layer, KV head) of one request.
         policy_params: parameters of the policy (ALGORITHM.md §7), validated by it.
-        think_end_token: token id after which nothing more is evicted; ``None``
-            means "the tokenizer's ``</think>`` if it has one" (resolved by the engine).
+        think_end_token: token id that ends the think stage; ``None`` means "the
+            tokenizer's ``</think>`` if it has one" (resolved once, at startup), -1 means
+            none (the whole generation is compressed).
+        answer_reserve: entries each (layer, KV head) may grow by after the think stage
+            ends, so the answer is not compressed (ALGORITHM.md §4); past it, eviction
+            resumes at ``budget + answer_reserve``.
         debug_checks: check the cache invariants after every step (slow).
     """
 
@@ -51,6 +60,7 @@ class CrystalKVConfig:
     budget: int = DEFAULT_BUDGET
     policy_params: Mapping[str, Any] = field(default_factory=dict)
     think_end_token: int | None = None
+    answer_reserve: int = DEFAULT_ANSWER_RESERVE
     debug_checks: bool = False
 
     def __post_init__(self) -> None:
@@ -68,11 +78,21 @@ class CrystalKVConfig:
         if self.think_end_token is not None and (
             isinstance(self.think_end_token, bool)
             or not isinstance(self.think_end_token, int)
-            or self.think_end_token < 0
+            or self.think_end_token < NO_THINK_TOKEN
         ):
             raise ValueError(
                 f"kv-policy-config think_end_token {self.think_end_token!r} is invalid: "
-                "it must be a token id >= 0, or omitted to use the tokenizer's </think>"
+                "it must be a token id >= 0, -1 for none, or omitted to use the "
+                "tokenizer's </think>"
+            )
+        if (
+            isinstance(self.answer_reserve, bool)
+            or not isinstance(self.answer_reserve, int)
+            or self.answer_reserve < 0
+        ):
+            raise ValueError(
+                f"kv-policy-config answer_reserve {self.answer_reserve!r} is invalid: "
+                "it must be an integer >= 0"
             )
         if not isinstance(self.debug_checks, bool):
             raise ValueError(
@@ -91,6 +111,19 @@ class CrystalKVConfig:
             self.make_policy()
 
     @property
+    def has_think_stage(self) -> bool:
+        """Whether a think-end token is known (after startup resolution)."""
+        return self.think_end_token is not None and self.think_end_token != NO_THINK_TOKEN
+
+    def budget_after_think(self, budget: int) -> int:
+        """A request's budget once its think stage has ended."""
+        return budget + self.answer_reserve
+
+    def max_request_budget(self) -> int:
+        """The largest budget any request can reach: what memory is sized for."""
+        return self.budget_after_think(self.budget) if self.has_think_stage else self.budget
+
+    @property
     def enabled(self) -> bool:
         """Whether KV entries are managed by this project (any policy but ``none``)."""
         return self.policy != NO_POLICY
@@ -106,6 +139,8 @@ class CrystalKVConfig:
         params = dict(self.policy_params)
         if self.think_end_token is not None:
             params["think_end_token"] = self.think_end_token
+        if self.answer_reserve != DEFAULT_ANSWER_RESERVE:
+            params["answer_reserve"] = self.answer_reserve
         if self.debug_checks:
             params["debug_checks"] = True
         return {"kv_policy": self.policy, "kv_budget": self.budget, "kv_policy_config": params}

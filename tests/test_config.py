@@ -51,16 +51,32 @@ def test_policy_names_include_every_baseline() -> None:
         ({"kv_policy": "crystal", "kv_budget": -5}, r"--kv-budget -5 is invalid"),
         ({"kv_policy": "crystal", "kv_budget": "many"}, r"--kv-budget 'many' is invalid"),
         ({"kv_policy": "crystal", "kv_budget": 1.5}, r"--kv-budget 1.5 is invalid"),
-        ({"kv_policy": "crystal", "kv_policy_config": {"top_p": 0.0}}, r"(?=.*top_p)(?=.*0\.0)(?=.*\(0, 1\])"),
-        ({"kv_policy": "crystal", "kv_policy_config": {"top_p": 1.5}}, r"(?=.*top_p)(?=.*1\.5)(?=.*\(0, 1\])"),
-        ({"kv_policy": "crystal", "kv_policy_config": {"lam": -0.1}}, r"(?=.*lam)(?=.*-0\.1)(?=.*\[0, 1\])"),
-        ({"kv_policy": "crystal", "kv_policy_config": {"lam": 1.1}}, r"(?=.*lam)(?=.*1\.1)(?=.*\[0, 1\])"),
+        (
+            {"kv_policy": "crystal", "kv_policy_config": {"top_p": 0.0}},
+            r"(?=.*top_p)(?=.*0\.0)(?=.*\(0, 1\])",
+        ),
+        (
+            {"kv_policy": "crystal", "kv_policy_config": {"top_p": 1.5}},
+            r"(?=.*top_p)(?=.*1\.5)(?=.*\(0, 1\])",
+        ),
+        (
+            {"kv_policy": "crystal", "kv_policy_config": {"lam": -0.1}},
+            r"(?=.*lam)(?=.*-0\.1)(?=.*\[0, 1\])",
+        ),
+        (
+            {"kv_policy": "crystal", "kv_policy_config": {"lam": 1.1}},
+            r"(?=.*lam)(?=.*1\.1)(?=.*\[0, 1\])",
+        ),
         ({"kv_policy": "crystal", "kv_policy_config": {"topp": 0.9}}, r"topp"),
         ({"kv_policy": "crystal", "kv_policy_config": "{not json"}, r"not valid JSON"),
         ({"kv_policy": "crystal", "kv_policy_config": "[1, 2]"}, r"must be a JSON object"),
         (
-            {"kv_policy": "crystal", "kv_policy_config": {"think_end_token": -1}},
-            r"think_end_token -1 is invalid",
+            {"kv_policy": "crystal", "kv_policy_config": {"think_end_token": -2}},
+            r"think_end_token -2 is invalid",
+        ),
+        (
+            {"kv_policy": "crystal", "kv_policy_config": {"answer_reserve": -1}},
+            r"answer_reserve -1 is invalid: it must be an integer >= 0",
         ),
         (
             {"kv_policy": "crystal", "kv_policy_config": {"debug_checks": "yes"}},
@@ -80,3 +96,14 @@ def test_parse_policy_config_accepts_mapping_and_empty() -> None:
     assert parse_policy_config("") == {}
     assert parse_policy_config({"lam": 0.5}) == {"lam": 0.5}
     assert parse_policy_config('{"lam": 0.5}') == {"lam": 0.5}
+
+
+def test_think_stage_budgets() -> None:
+    off = CrystalKVConfig(policy="crystal", budget=64, think_end_token=-1)
+    assert not off.has_think_stage
+    assert off.max_request_budget() == 64
+    on = CrystalKVConfig(policy="crystal", budget=64, think_end_token=5, answer_reserve=100)
+    assert on.has_think_stage
+    assert on.budget_after_think(10) == 110
+    assert on.max_request_budget() == 164
+    assert CrystalKVConfig.from_additional_config(on.to_additional_config()) == on

@@ -32,9 +32,6 @@ from crystal_vllm.policy.allocator import allocate_budgets
 
 logger = logging.getLogger(__name__)
 
-#: Budget used for heads that must not evict (requests past their think stage).
-NO_EVICTION = 1 << 40
-
 
 @dataclass(frozen=True)
 class StepRequest:
@@ -45,7 +42,6 @@ class StepRequest:
     num_computed_tokens: int
     block_ids: Sequence[int]
     budget: int
-    compress: bool = True
 
     @property
     def is_prefill(self) -> bool:
@@ -67,9 +63,8 @@ class _StepPlan:
     decode_rows: torch.Tensor  # long [b]
     decode_tokens: torch.Tensor  # long [b]: index of each decode row's token in the batch
     decode_slots: torch.Tensor  # long [b, L, H]
-    decode_budgets: torch.Tensor  # long [b, L, H] (NO_EVICTION where not compressing)
-    prefills: list[tuple[int, int, int, int, bool]] = field(default_factory=list)
-    # (row, first token index, num tokens, first position, compress)
+    prefills: list[tuple[int, int, int]] = field(default_factory=list)
+    # (row, first token index, num tokens)
 
 
 class CompressedKVCache:
@@ -107,6 +102,7 @@ class CompressedKVCache:
         self._rows: dict[str, int] = {}
         self._free_rows = list(range(max_rows - 1, -1, -1))
         self._blocks_seen: dict[str, int] = {}
+        self._row_budgets: dict[str, int] = {}
         self._plan: _StepPlan | None = None
 
     # -- request lifecycle -------------------------------------------------------------
@@ -120,6 +116,7 @@ class CompressedKVCache:
         self.tables.release(rows)
         self.policy.reset(self.state, rows)
         self._blocks_seen.pop(req_id, None)
+        self._row_budgets.pop(req_id, None)
         self._free_rows.append(row)
 
     def _row_for(self, request: StepRequest) -> int:
@@ -144,20 +141,19 @@ class CompressedKVCache:
         """Assign rows and slots for this step's new tokens."""
         device = self.budgets.device
         L, H = self.layout.num_layers, self.layout.num_kv_heads
-        decode_rows, decode_tokens, decode_positions, decode_compress = [], [], [], []
+        decode_rows, decode_tokens, decode_positions = [], [], []
         prefills = []
         token = 0
         for request in batch:
             row = self._row_for(request)
             if request.is_prefill:
-                prefills.append(
-                    (row, token, request.num_new_tokens, 0, request.compress, request.budget)
-                )
+                prefills.append((row, token, request.num_new_tokens, request.budget))
+                self._row_budgets[request.req_id] = request.budget
             elif request.num_new_tokens == 1:
                 decode_rows.append(row)
                 decode_tokens.append(token)
                 decode_positions.append(request.num_computed_tokens)
-                decode_compress.append(request.compress)
+                self._update_budget(row, request)
             else:
                 raise RuntimeError(
                     f"request {request.req_id}: {request.num_new_tokens} new tokens after "
@@ -168,11 +164,11 @@ class CompressedKVCache:
 
         if prefills:
             rows = torch.tensor([p[0] for p in prefills], device=device)
-            budgets = torch.tensor([p[5] for p in prefills], device=device)
+            budgets = torch.tensor([p[3] for p in prefills], device=device)
             self.budgets[rows] = budgets[:, None, None]
             self.policy.reset(self.state, rows)
             counts = torch.tensor(
-                [min(p[2], self._slots_for(p[5]) if p[4] else p[2]) for p in prefills],
+                [min(p[2], self._slots_for(p[3])) for p in prefills],
                 device=device,
             )
             self.tables.assign_prefill_slots(rows, counts[:, None, None].expand(-1, L, H))
@@ -186,16 +182,20 @@ class CompressedKVCache:
             new = F.one_hot(slots, self.max_slots).bool()
             positions = torch.tensor(decode_positions, device=device)
             self.policy.insert(self.state, rows, new, positions[:, None, None, None].expand_as(new))
-        budgets = self.budgets[rows].clone()
-        compress = torch.tensor(decode_compress, dtype=torch.bool, device=device)
-        budgets[~compress] = NO_EVICTION
         self._plan = _StepPlan(
             decode_rows=rows,
             decode_tokens=torch.tensor(decode_tokens, dtype=torch.long, device=device),
             decode_slots=slots,
-            decode_budgets=budgets,
-            prefills=[p[:5] for p in prefills],
+            prefills=[p[:3] for p in prefills],
         )
+
+    def _update_budget(self, row: int, request: StepRequest) -> None:
+        """A running request's budget changed (its think stage ended): shift every head's
+        budget by the same amount, which keeps Algorithm 2's allocation shape."""
+        old = self._row_budgets[request.req_id]
+        if request.budget != old:
+            self.budgets[row] = (self.budgets[row] + request.budget - old).clamp_min(1)
+            self._row_budgets[request.req_id] = request.budget
 
     def _slots_for(self, budget: int) -> int:
         return min(self.policy.max_resident(budget), self.max_slots)
@@ -210,11 +210,9 @@ class CompressedKVCache:
         out = torch.empty_like(query)
         if plan.decode_rows.numel():
             out[plan.decode_tokens] = self._decode_layer(layer, plan, query, key, value)
-        for row, start, count, first_position, compress in plan.prefills:
+        for row, start, count in plan.prefills:
             tokens = slice(start, start + count)
-            out[tokens] = self._prefill_layer(
-                row, layer, query[tokens], key[tokens], value[tokens], first_position, compress
-            )
+            out[tokens] = self._prefill_layer(row, layer, query[tokens], key[tokens], value[tokens])
         return out
 
     @property
@@ -248,7 +246,7 @@ class CompressedKVCache:
         if self.policy.needs_keys:
             keys = ops.gather_kv(self.kv_pool, tables, self.max_slots)[0][:, None].float()
         evict = self.policy.select_evictions(
-            layer_state, rows, plan.decode_budgets[:, layer : layer + 1], keys=keys
+            layer_state, rows, self.budgets[rows, layer : layer + 1], keys=keys
         )
         self.policy.remove(layer_state, rows, evict)
         self.stats.evictions += int(evict.sum())
@@ -256,26 +254,24 @@ class CompressedKVCache:
 
     # -- prefill ------------------------------------------------------------------------
 
-    def _prefill_layer(self, row, layer, query, key, value, first_position, compress):
+    def _prefill_layer(self, row, layer, query, key, value):
         count, num_kv_heads, _ = key.shape
         group = query.shape[1] // num_kv_heads
         k = key.transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, T, D]
         v = value.transpose(0, 1).repeat_interleave(group, dim=0)
         q = query.transpose(0, 1)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        kept, scratch = self._select_prompt_entries(
-            row, layer, query, key, first_position, compress
-        )
+        kept, scratch = self._select_prompt_entries(row, layer, query, key)
         self._store_prompt_entries(row, layer, kept, scratch, key, value)
         return out.transpose(0, 1)
 
-    def _select_prompt_entries(self, row, layer, query, key, first_position, compress):
+    def _select_prompt_entries(self, row, layer, query, key):
         """Warm a scratch state over the whole prompt and evict it down to the budget."""
         policy, device = self.policy, key.device
         count, num_kv_heads, _ = key.shape
         scratch = policy.init_state(1, 1, num_kv_heads, count, device)
         first = torch.zeros(1, dtype=torch.long, device=device)
-        positions = torch.arange(count, device=device) + first_position
+        positions = torch.arange(count, device=device)
         policy.insert(
             scratch,
             first,
@@ -290,12 +286,11 @@ class CompressedKVCache:
             policy.begin_step(scratch, first)
             if probs is not None:
                 policy.observe(scratch, first, probs[w][None, None])
-        if compress:
-            budgets = self.budgets[row, layer][None, None]
-            keys = key.transpose(0, 1)[None, None].float() if policy.needs_keys else None
-            evict = policy.select_evictions(scratch, first, budgets, keys=keys)
-            policy.remove(scratch, first, evict)
-            self.stats.prefill_evictions += int(evict.sum())
+        budgets = self.budgets[row, layer][None, None]
+        keys = key.transpose(0, 1)[None, None].float() if policy.needs_keys else None
+        evict = policy.select_evictions(scratch, first, budgets, keys=keys)
+        policy.remove(scratch, first, evict)
+        self.stats.prefill_evictions += int(evict.sum())
         return scratch.valid[0, 0], scratch
 
     def _prompt_query_probs(self, queries, key, first_query) -> torch.Tensor:
@@ -341,7 +336,7 @@ class CompressedKVCache:
         config = self.policy.config
         rows = plan.decode_rows
         steps = self.state.step[rows]
-        due = (steps % config.realloc_interval == 0) & (plan.decode_budgets[:, 0, 0] < NO_EVICTION)
+        due = steps % config.realloc_interval == 0
         held = self.state.valid[rows].sum(dim=-1)
         due &= (held >= self.budgets[rows]).all(dim=-1).all(dim=-1)  # cache has filled
         if not bool(due.any()):

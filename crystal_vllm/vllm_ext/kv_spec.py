@@ -4,7 +4,7 @@ vLLM's block accounting stays as it is; the manager only decides how many blocks
 request may hold: like full attention until its resident tokens reach the policy's
 bound for its budget, then no more (ARCHITECTURE.md §3). The rule reads token counts
 only, so it is deterministic and needs no feedback from the worker, which mirrors it.
-After a think-end token the request grows again, one token per token, for the answer.
+After a think-end token the request's cap grows by the answer reserve.
 """
 
 from __future__ import annotations
@@ -73,31 +73,27 @@ class CrystalAttentionSpec(FullAttentionSpec):
 class CrystalKVCacheManager(FullAttentionManager):
     """Grants blocks like full attention, up to each request's cap.
 
-    Per-request caps (a request may ask for a smaller budget) and think-stage ends are
-    told to the manager by :class:`~crystal_vllm.vllm_ext.scheduler.CrystalScheduler`,
-    which sees the ``Request`` objects; the manager itself only sees request ids.
+    Per-request caps (from the request's budget, larger once its think stage ends) are
+    set by :class:`~crystal_vllm.vllm_ext.scheduler.CrystalScheduler`, which sees the
+    ``Request`` objects; the manager itself only sees request ids. A cap outlives
+    ``free`` (which preemption calls too) and is dropped by ``forget`` when the request
+    is finished.
     """
 
     def __init__(self, kv_cache_spec: CrystalAttentionSpec, *args, **kwargs) -> None:
         super().__init__(kv_cache_spec, *args, **kwargs)
         self.default_cap_tokens = kv_cache_spec.max_blocks_per_request * kv_cache_spec.block_size
         self._cap_tokens: dict[str, int] = {}
-        self._think_end_at: dict[str, int] = {}
 
     def set_request_cap(self, request_id: str, max_blocks: int) -> None:
         self._cap_tokens[request_id] = max_blocks * self.block_size
 
-    def end_think_stage(self, request_id: str, num_tokens: int) -> None:
-        """From ``num_tokens`` on, every new token needs a slot of its own again."""
-        self._think_end_at.setdefault(request_id, num_tokens)
+    def forget(self, request_id: str) -> None:
+        self._cap_tokens.pop(request_id, None)
 
     def resident_tokens(self, request_id: str, num_tokens: int) -> int:
         """Token slots the request needs when its sequence is ``num_tokens`` long."""
-        cap = self._cap_tokens.get(request_id, self.default_cap_tokens)
-        end = self._think_end_at.get(request_id)
-        if end is None:
-            return min(num_tokens, cap)
-        return min(num_tokens, cap + max(num_tokens - end, 0))
+        return min(num_tokens, self._cap_tokens.get(request_id, self.default_cap_tokens))
 
     def get_num_blocks_to_allocate(
         self,
@@ -129,8 +125,3 @@ class CrystalKVCacheManager(FullAttentionManager):
             self.resident_tokens(request_id, num_tokens),
             self.resident_tokens(request_id, num_tokens_main_model),
         )
-
-    def free(self, request_id: str) -> None:
-        super().free(request_id)
-        self._cap_tokens.pop(request_id, None)
-        self._think_end_at.pop(request_id, None)

@@ -41,6 +41,7 @@ class CrystalCPUModelRunner(CPUModelRunner):
         self.crystal_cache: CompressedKVCache | None = None
         self.crystal_layer_index: dict[str, int] = {}
         self._budgets: dict[str, int] = {}
+        self._think_ended: set[str] = set()
         self._last_log = time.monotonic()
         runner_registry.register(self)
 
@@ -56,7 +57,7 @@ class CrystalCPUModelRunner(CPUModelRunner):
 
     def get_kv_cache_spec(self):
         specs = super().get_kv_cache_spec()
-        cap = self._cap_blocks(self.crystal_config.budget)
+        cap = self._cap_blocks(self.crystal_config.max_request_budget())
         for name, spec in specs.items():
             if type(spec) is not FullAttentionSpec:
                 raise ValueError(
@@ -126,10 +127,21 @@ class CrystalCPUModelRunner(CPUModelRunner):
         self.crystal_cache.begin_step(batch)
 
     def _request_budget(self, req_id: str, state) -> int:
+        """The request's budget this step: its own ``kv_budget``, plus the answer reserve
+        once it generated the think-end token (the scheduler grows its cap the same way)."""
+        config = self.crystal_config
         budget = self._budgets.get(req_id)
         if budget is None:
             extra = state.sampling_params.extra_args if state.sampling_params else None
-            budget = self._budgets[req_id] = request_budget(extra, self.crystal_config)
+            budget = self._budgets[req_id] = request_budget(extra, config)
+        if req_id in self._think_ended:
+            return config.budget_after_think(budget)
+        outputs = state.output_token_ids
+        # Every sampled token is the last output at the next step of its request, and the
+        # flag survives preemption, so looking at the last token is enough.
+        if config.has_think_stage and outputs and outputs[-1] == config.think_end_token:
+            self._think_ended.add(req_id)
+            return config.budget_after_think(budget)
         return budget
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
@@ -167,6 +179,7 @@ class CrystalCPUModelRunner(CPUModelRunner):
     def _on_request_state_removed(self, req_id, req_state) -> None:
         super()._on_request_state_removed(req_id, req_state)
         self._budgets.pop(req_id, None)
+        self._think_ended.discard(req_id)
         if self.crystal_cache is not None:
             self.crystal_cache.release(req_id)
 

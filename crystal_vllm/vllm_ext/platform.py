@@ -10,6 +10,7 @@ closed before any model is loaded).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any, ClassVar
 
 from vllm.logger import init_logger
@@ -18,6 +19,7 @@ from vllm.platforms.cpu import CpuPlatform
 from crystal_vllm.config import (
     DEFAULT_BUDGET,
     NO_POLICY,
+    NO_THINK_TOKEN,
     CrystalKVConfig,
     parse_policy_config,
     policy_names,
@@ -38,6 +40,8 @@ _cli_values: dict[str, Any] = {}
 _server_config: CrystalKVConfig | None = None
 
 ARG_GROUP = "CrystalKV"
+
+THINK_END_TEXT = "</think>"
 
 
 def server_config() -> CrystalKVConfig | None:
@@ -141,6 +145,25 @@ def _unsupported_reasons(vllm_config) -> list[str]:
     return reasons
 
 
+def resolve_think_end_token(model_config) -> int:
+    """The tokenizer's ``</think>`` id, or -1: resolved once so every process agrees."""
+    if model_config is None:
+        return NO_THINK_TOKEN
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_config.tokenizer,
+        revision=model_config.tokenizer_revision,
+        trust_remote_code=model_config.trust_remote_code,
+    )
+    token = tokenizer.get_vocab().get(THINK_END_TEXT)
+    if token is None:
+        logger.info("crystal-vllm: no %s token: the whole generation is compressed", THINK_END_TEXT)
+        return NO_THINK_TOKEN
+    logger.info("crystal-vllm: think stage ends at %s (token %d)", THINK_END_TEXT, token)
+    return token
+
+
 class CrystalPlatformMixin:
     """Adds crystal-vllm to whichever built-in platform class it is mixed into."""
 
@@ -171,6 +194,9 @@ class CrystalPlatformMixin:
                     f"--kv-policy {config.policy!r} does not support {', '.join(reasons)}; "
                     "use --kv-policy none for this configuration"
                 )
+            if config.think_end_token is None:
+                token = resolve_think_end_token(vllm_config.model_config)
+                config = dataclasses.replace(config, think_end_token=token)
             vllm_config.additional_config = {**merged, **config.to_additional_config()}
             cls._configure_for_compression(vllm_config)
         global _server_config

@@ -72,9 +72,7 @@ def test_decode_matches_dense_attention_over_kept_entries(policy_name: str) -> N
     cache.end_step()
 
     for _ in range(30):
-        batch = [
-            StepRequest(r, 1, history_k[r].shape[0], blocks[r], budget) for r in prompts
-        ]
+        batch = [StepRequest(r, 1, history_k[r].shape[0], blocks[r], budget) for r in prompts]
         new_k = {r: torch.randn(1, L, H, D) for r in prompts}
         new_v = {r: torch.randn(1, L, H, D) for r in prompts}
         for r in prompts:
@@ -83,9 +81,7 @@ def test_decode_matches_dense_attention_over_kept_entries(policy_name: str) -> N
         cache.begin_step(batch)
         for layer in range(L):
             # Entries held during this layer's attention = held now (after insert).
-            held = {
-                r: [cache.kept_positions(r, layer, h) for h in range(H)] for r in prompts
-            }
+            held = {r: [cache.kept_positions(r, layer, h) for h in range(H)] for r in prompts}
             q = torch.randn(len(prompts), H * G, D)
             k = torch.cat([new_k[r][:, layer] for r in prompts])
             v = torch.cat([new_v[r][:, layer] for r in prompts])
@@ -118,3 +114,28 @@ def test_release_returns_every_head_block() -> None:
     cache.release("a")
     assert int(cache.tables.held_head_blocks([0]).sum()) == 0
     cache.check_invariants()
+
+
+def test_a_grown_budget_stops_eviction_until_the_new_bound() -> None:
+    """The think stage ending raises a running request's budget: heads grow again."""
+    torch.manual_seed(1)
+    cache, _ = _make_cache("crystal-lite", 12, num_blocks=64)
+    blocks = list(range(1, 9))  # room for the grown budget
+    cache.begin_step([StepRequest("a", 20, 0, blocks[:2], 12)])
+    for layer in range(L):
+        cache.attention(
+            layer, torch.randn(20, H * G, D), torch.randn(20, H, D), torch.randn(20, H, D)
+        )
+    cache.end_step()
+    assert int(cache.held_entries("a").max()) == 12
+    evictions = cache.stats.evictions
+    for step in range(3):
+        cache.begin_step([StepRequest("a", 1, 20 + step, blocks[:2], 14)])
+        for layer in range(L):
+            cache.attention(
+                layer, torch.randn(1, H * G, D), torch.randn(1, H, D), torch.randn(1, H, D)
+            )
+        cache.end_step()
+    # Budget 14 from the first decode step on: two steps grow, the third evicts one.
+    assert int(cache.held_entries("a").min()) == 14
+    assert cache.stats.evictions - evictions == L * H

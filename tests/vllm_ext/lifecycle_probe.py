@@ -58,8 +58,9 @@ def main() -> None:
             engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt), params)
             live.add(str(i))
         outputs = engine.step()
-        if outputs:
-            last_finished = {out.request_id for out in outputs if out.finished}
+        finished_now = {out.request_id for out in outputs if out.finished}
+        if finished_now:
+            last_finished = finished_now
         for out in outputs:
             if out.finished:
                 live.discard(out.request_id)
@@ -82,14 +83,20 @@ def main() -> None:
                 "aborted": aborted,
                 # The worker hears of the last step's finished requests with the next
                 # step, so their rows may still be held here.
-                "runtime_rows_left": sorted(runner.crystal_cache.request_ids()),
+                "runtime_rows_left": sorted(
+                    internal.rsplit("-", 1)[0] for internal in runner.crystal_cache.request_ids()
+                ),
                 "finished_in_last_step": sorted(last_finished),
                 "head_blocks_held": int(runner.crystal_cache.tables.num_head_blocks.sum()),
                 "head_blocks_held_by_others": int(
                     runner.crystal_cache.tables.num_head_blocks.sum()
                     - sum(
                         int(runner.crystal_cache.tables.num_head_blocks[row].sum())
-                        for row in runner.crystal_cache.rows_of(last_finished)
+                        for row in runner.crystal_cache.rows_of(
+                            r
+                            for r in runner.crystal_cache.request_ids()
+                            if r.rsplit("-", 1)[0] in last_finished
+                        )
                     )
                 ),
                 "evictions": runner.crystal_cache.stats.evictions,

@@ -1,5 +1,5 @@
-"""Run vLLM offline on a model and print the platform class and the
-generated token ids as JSON (one line).
+"""Run vLLM offline on a model and print the platform class, the generated token ids and
+(in-process) the cache counters as one JSON line prefixed by ``RESULT ``.
 
 Used by the tests as a subprocess so that each run gets a fresh vLLM (plugins and the
 platform are resolved once per process). Usage:
@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+
+#: vLLM may print log lines after ours; the result line carries this prefix.
+RESULT_PREFIX = "RESULT "
 
 PROMPTS = [
     "Hello",
@@ -48,7 +51,7 @@ def main() -> None:
     runner = _in_process_runner(llm)
     if getattr(runner, "crystal_cache", None) is not None:
         result["stats"] = dataclasses.asdict(runner.crystal_cache.stats)
-    print(json.dumps(result))
+    print(RESULT_PREFIX + json.dumps(result))
 
 
 def _in_process_runner(llm):

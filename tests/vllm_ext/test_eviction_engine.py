@@ -2,61 +2,58 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 pytestmark = pytest.mark.slow
 
-HERE = Path(__file__).parent
-
-
-def _generate(model: Path, additional_config: dict, *extra: str) -> dict:
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # stats are read in-process
-    result = subprocess.run(
-        [
-            sys.executable,
-            HERE / "offline_generate.py",
-            model,
-            json.dumps(additional_config),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
 
 @pytest.fixture(scope="module")
-def vanilla_tokens(tiny_model_fp32) -> list[list[int]]:
-    return _generate(tiny_model_fp32, {"kv_policy": "none"})["tokens"]
+def vanilla_tokens(tiny_model_fp32, offline_generate) -> list[list[int]]:
+    return offline_generate(tiny_model_fp32, {"kv_policy": "none"})["tokens"]
 
 
 @pytest.mark.parametrize("policy", ["crystal", "full"])
 def test_budget_above_every_sequence_is_token_identical_to_none(
-    tiny_model_fp32, vanilla_tokens, policy
+    tiny_model_fp32, vanilla_tokens, policy, offline_generate
 ) -> None:
-    result = _generate(tiny_model_fp32, {"kv_policy": policy, "kv_budget": 4096})
+    result = offline_generate(tiny_model_fp32, {"kv_policy": policy, "kv_budget": 4096})
     assert result["stats"]["steps"] > 0  # the compressed path really ran
     assert result["stats"]["evictions"] == 0
     assert result["tokens"] == vanilla_tokens
 
 
 @pytest.mark.parametrize("policy", ["crystal", "crystal-lite", "streaming", "snapkv", "rkv"])
-def test_small_budget_evicts_and_keeps_the_invariants(tiny_model_fp32, policy) -> None:
+def test_small_budget_evicts_and_keeps_the_invariants(
+    tiny_model_fp32, policy, offline_generate
+) -> None:
     config = {"kv_policy": policy, "kv_budget": 16, "kv_policy_config": {"debug_checks": True}}
     if policy in ("snapkv", "rkv"):
         config["kv_policy_config"]["buffer"] = 8
-    result = _generate(tiny_model_fp32, config, "--block-size", "32", "--max-tokens", "64")
+    result = offline_generate(tiny_model_fp32, config, "--block-size", "32", "--max-tokens", "64")
     stats = result["stats"]
     # debug_checks raised inside the engine if any head exceeded its bound or the
     # head-block tables went inconsistent; here the run completed.
     assert stats["evictions"] + stats["prefill_evictions"] > 0
     assert all(len(tokens) == 64 for tokens in result["tokens"])
+
+
+def test_think_stage_end_grows_the_cap_and_stops_eviction(
+    tiny_model_fp32, vanilla_tokens, offline_generate
+) -> None:
+    # The random model repeats tokens: take one that request 1 generates early as the
+    # "think-end" token, so that request's answer stage starts within a few steps.
+    think_token = vanilla_tokens[1][2]
+    base = {"kv_policy": "crystal-lite", "kv_budget": 16}
+    args = ("--block-size", "32", "--max-tokens", "64")
+    without = offline_generate(
+        tiny_model_fp32, {**base, "kv_policy_config": {"think_end_token": -1}}, *args
+    )
+    with_think = offline_generate(
+        tiny_model_fp32,
+        {**base, "kv_policy_config": {"think_end_token": think_token, "answer_reserve": 128}},
+        *args,
+    )
+    # The run completed (the scheduler granted the grown caps the worker used) and the
+    # requests past their think stage stopped evicting.
+    assert with_think["stats"]["evictions"] < without["stats"]["evictions"]
+    assert all(len(tokens) == 64 for tokens in with_think["tokens"])

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -115,29 +113,12 @@ def _check_per_request_budget(openai, client, model: str) -> None:
     assert small.usage.completion_tokens == 40
 
 
-def _generate(model: Path, additional_config: dict, plugins: str | None) -> dict:
-    env = dict(os.environ)
-    if plugins is not None:
-        env["VLLM_PLUGINS"] = plugins
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(HERE / "offline_generate.py"),
-            str(model),
-            json.dumps(additional_config),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def test_policy_none_is_token_identical_to_vllm_without_the_plugin(tiny_model_fp32) -> None:
-    vanilla = _generate(tiny_model_fp32, {}, plugins="")
-    with_plugin = _generate(tiny_model_fp32, {"kv_policy": "none"}, plugins=None)
+def test_policy_none_is_token_identical_to_vllm_without_the_plugin(
+    tiny_model_fp32, offline_generate
+) -> None:
+    # Multiprocess engines, as `vllm serve` runs them.
+    vanilla = offline_generate(tiny_model_fp32, {}, plugins="", in_process=False)
+    with_plugin = offline_generate(tiny_model_fp32, {"kv_policy": "none"}, in_process=False)
     assert vanilla["platform"] == "CpuPlatform"
     assert with_plugin["platform"] == "CrystalCpuPlatform"
     assert len(vanilla["tokens"]) == 4 and all(len(t) == 32 for t in vanilla["tokens"])
