@@ -164,6 +164,19 @@ def resolve_think_end_token(model_config) -> int:
     return token
 
 
+def _unsupported_policy_options(config: CrystalKVConfig) -> list[str]:
+    """Policy options the serving path cannot honour yet."""
+    policy_config = config.make_policy().config
+    reasons = []
+    if getattr(policy_config, "protect_prompt", False):
+        # Protected prompt entries would not count against the budget, so a request's
+        # memory cap would have to grow with its prompt.
+        reasons.append("protect_prompt=true")
+    if not getattr(policy_config, "hits_before_full", True):
+        reasons.append("hits_before_full=false")
+    return reasons
+
+
 class CrystalPlatformMixin:
     """Adds crystal-vllm to whichever built-in platform class it is mixed into."""
 
@@ -188,7 +201,7 @@ class CrystalPlatformMixin:
                     f"{cls.device_name} platform: its per-head eviction path has not landed. "
                     "Use --kv-policy none."
                 )
-            reasons = _unsupported_reasons(vllm_config)
+            reasons = _unsupported_reasons(vllm_config) + _unsupported_policy_options(config)
             if reasons:
                 raise ValueError(
                     f"--kv-policy {config.policy!r} does not support {', '.join(reasons)}; "

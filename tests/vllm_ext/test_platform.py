@@ -79,18 +79,22 @@ def test_bad_values_refuse_to_build_the_engine_config(tiny_model, additional, me
 
 
 @pytest.mark.parametrize(
-    ("engine_kwargs", "reason"),
+    ("engine_kwargs", "policy_config", "reason"),
     [
-        ({"kv_cache_dtype": "fp8"}, "quantised KV cache"),
-        ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
+        ({"kv_cache_dtype": "fp8"}, {}, "quantised KV cache"),
+        ({"pipeline_parallel_size": 2}, {}, "pipeline parallelism"),
+        ({}, {"protect_prompt": True}, "protect_prompt=true"),
+        ({}, {"hits_before_full": False}, "hits_before_full=false"),
     ],
 )
-def test_unsupported_combinations_fail_closed(tiny_model, engine_kwargs, reason) -> None:
+def test_unsupported_combinations_fail_closed(
+    tiny_model, engine_kwargs, policy_config, reason
+) -> None:
     args = EngineArgs(
         model=str(tiny_model),
         enforce_eager=True,
         max_model_len=512,
-        additional_config={"kv_policy": "crystal"},
+        additional_config={"kv_policy": "crystal", "kv_policy_config": policy_config},
         **engine_kwargs,
     )
     with pytest.raises(ValueError, match=f"does not support {reason}"):
