@@ -5,7 +5,9 @@ by the environment variable ``CRYSTAL_VLLM_OPS``:
 
 * ``auto`` (default): the first available of ``_AUTO_ORDER``;
 * ``torch``: the plain-torch reference (:mod:`crystal_vllm.ops.torch_ref`);
-* ``cpu`` / ``triton``: C++ and Triton kernels (not built yet).
+* ``cpu``: the C++ kernels (:mod:`crystal_vllm.ops.cpu`, needs the ``crystal_vllm._C``
+  extension; without it the name is known but unavailable);
+* ``triton``: Triton kernels (not built yet).
 
 An implementation is a module that defines every name in ``OPS`` with the signatures
 of :mod:`crystal_vllm.ops.torch_ref`. The variable is read on every call so tests can
@@ -23,10 +25,12 @@ import torch
 ENV_VAR = "CRYSTAL_VLLM_OPS"
 OPS = ("write_kv", "gather_kv", "paged_decode_attention", "move_entries")
 
-# name -> module implementing OPS; None marks a known name that is not built yet.
+# name -> module implementing OPS; None marks a known name that is not built yet. A
+# module may also raise ImportError (a compiled extension that is not built): that name
+# is then unavailable too.
 _REGISTRY: dict[str, str | None] = {
     "torch": "crystal_vllm.ops.torch_ref",
-    "cpu": None,
+    "cpu": "crystal_vllm.ops.cpu",
     "triton": None,
 }
 _AUTO_ORDER = ("triton", "cpu", "torch")
@@ -36,7 +40,13 @@ _loaded: dict[str, ModuleType | None] = {}
 def _load(name: str) -> ModuleType | None:
     if name not in _loaded:
         path = _REGISTRY[name]
-        _loaded[name] = importlib.import_module(path) if path is not None else None
+        module = None
+        if path is not None:
+            try:
+                module = importlib.import_module(path)
+            except ImportError:
+                module = None
+        _loaded[name] = module
     return _loaded[name]
 
 
