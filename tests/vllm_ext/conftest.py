@@ -16,21 +16,15 @@ HERE = Path(__file__).parent
 
 @pytest.fixture(scope="session")
 def offline_generate() -> Callable[..., dict]:
-    """``offline_generate(model, additional_config, *args, plugins=None, in_process=True)``
-    runs ``offline_generate.py`` in a fresh process and returns its result dict."""
+    """``offline_generate(model, additional_config, *args, plugins=None)`` runs
+    ``offline_generate.py`` in a fresh process and returns its result dict. The engine
+    runs inside that process, so that the cache counters can be read from it (and so that
+    a loaded 2-core machine cannot starve one of vLLM's three processes)."""
 
-    def run(
-        model: Path,
-        additional_config: dict,
-        *args: str,
-        plugins: str | None = None,
-        in_process: bool = True,
-    ) -> dict:
-        env = dict(os.environ)
+    def run(model: Path, additional_config: dict, *args: str, plugins: str | None = None) -> dict:
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         if plugins is not None:
             env["VLLM_PLUGINS"] = plugins
-        if in_process:  # the cache counters are read from the engine in this process
-            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         result = subprocess.run(
             [sys.executable, HERE / "offline_generate.py", model, json.dumps(additional_config)]
             + list(args),

@@ -43,7 +43,6 @@ def main() -> None:
     max_over_cap = 0
     aborted = 0
     preempted: set[str] = set()
-    last_finished: set[str] = set()
     while pending or engine.has_unfinished_requests():
         while pending and len(live) < 24:
             i = pending.pop()
@@ -58,9 +57,6 @@ def main() -> None:
             engine.add_request(str(i), TokensPrompt(prompt_token_ids=prompt), params)
             live.add(str(i))
         outputs = engine.step()
-        finished_now = {out.request_id for out in outputs if out.finished}
-        if finished_now:
-            last_finished = finished_now
         for out in outputs:
             if out.finished:
                 live.discard(out.request_id)
@@ -73,6 +69,11 @@ def main() -> None:
         for req_id, blocks in manager.req_to_blocks.items():
             cap = manager.resident_tokens(req_id, 10**9) // manager.block_size
             max_over_cap = max(max_over_cap, len(blocks) - cap)
+    # The worker hears of finished and aborted requests with the next step: run one more
+    # short request so that every earlier one has been released; only its row may remain.
+    engine.add_request("flush", TokensPrompt(prompt_token_ids=[11]), SamplingParams(max_tokens=2))
+    while engine.has_unfinished_requests():
+        engine.step()
     pool = scheduler.kv_cache_manager.block_pool
     print(
         json.dumps(
@@ -81,21 +82,16 @@ def main() -> None:
                 "total_blocks": pool.num_gpu_blocks,
                 "max_over_cap": max_over_cap,
                 "aborted": aborted,
-                # The worker hears of the last step's finished requests with the next
-                # step, so their rows may still be held here.
                 "runtime_rows_left": sorted(
                     internal.rsplit("-", 1)[0] for internal in runner.crystal_cache.request_ids()
                 ),
-                "finished_in_last_step": sorted(last_finished),
-                "head_blocks_held": int(runner.crystal_cache.tables.num_head_blocks.sum()),
                 "head_blocks_held_by_others": int(
-                    runner.crystal_cache.tables.num_head_blocks.sum()
-                    - sum(
+                    sum(
                         int(runner.crystal_cache.tables.num_head_blocks[row].sum())
                         for row in runner.crystal_cache.rows_of(
                             r
                             for r in runner.crystal_cache.request_ids()
-                            if r.rsplit("-", 1)[0] in last_finished
+                            if not r.startswith("flush")
                         )
                     )
                 ),

@@ -116,9 +116,8 @@ def _check_per_request_budget(openai, client, model: str) -> None:
 def test_policy_none_is_token_identical_to_vllm_without_the_plugin(
     tiny_model_fp32, offline_generate
 ) -> None:
-    # Multiprocess engines, as `vllm serve` runs them.
-    vanilla = offline_generate(tiny_model_fp32, {}, plugins="", in_process=False)
-    with_plugin = offline_generate(tiny_model_fp32, {"kv_policy": "none"}, in_process=False)
+    vanilla = offline_generate(tiny_model_fp32, {}, plugins="")
+    with_plugin = offline_generate(tiny_model_fp32, {"kv_policy": "none"})
     assert vanilla["platform"] == "CpuPlatform"
     assert with_plugin["platform"] == "CrystalCpuPlatform"
     assert len(vanilla["tokens"]) == 4 and all(len(t) == 32 for t in vanilla["tokens"])
