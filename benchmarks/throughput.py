@@ -134,8 +134,11 @@ def run_case(spec: dict) -> dict:
     )
     generated = sum(n for _, n in finished.values())
     tpot = [(finished[r][0] - first_token[r]) / max(finished[r][1] - 1, 1) for r in finished]
+    from crystal_vllm import ops
+
     return {
         **spec,
+        "ops": ops.get_impl().__name__.rsplit(".", 1)[-1] if cache is not None else None,
         "elapsed_s": elapsed,
         "generated_tokens": generated,
         "output_tok_s": generated / elapsed,

