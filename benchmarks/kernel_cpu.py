@@ -7,7 +7,8 @@ For each shape (batch ``b``, KV heads ``H``, query heads per KV head ``G``, head
 * ``cpu``: ``crystal_vllm.ops.cpu.paged_decode_attention`` (``csrc/``), in the ISA
   ``--isa`` (default: the best this CPU has);
 * ``vllm``: vLLM's own CPU decode kernel ``torch.ops._C.cpu_attention_with_kv_cache``
-  (the ISA its CPU backend would pick) on the same shape in vLLM's layout, including its
+  (the ISA its CPU backend would pick: AMX for bf16 on CPUs that have it, else AVX-512
+  ``vec``/``vec16``; shown in the header) on the same shape in vLLM's layout, including its
   per-step scheduler metadata. It returns no probabilities, so it does less work than the
   other two; it is the cost our kernel is measured against.
 
@@ -118,6 +119,10 @@ class _VllmCase:
         mb = -(-s // bs)
         self.ops = vllm_ops
         self.isa = _get_attn_isa(dtype, bs, d)
+        if self.isa == "amx":
+            # AMX tiles need a per-process OS permission; without it the kernel dies of
+            # SIGILL (vLLM's worker gets it through torch's oneDNN set-up).
+            torch.cpu._init_amx()
         # vLLM's per-layer cache [num_blocks, H, bs, 2D], split as its backend does.
         cache = torch.zeros(b * mb, h, bs, 2 * d, dtype=dtype)
         self.key_cache, self.value_cache = cache.view(b * mb, h, 2 * bs, d).chunk(2, dim=2)

@@ -11,6 +11,9 @@
 //   void store(float*, Vec), store_partial(float*, Vec, int64_t n);
 //   Vec add, sub, mul, max, fmadd(a, b, c) = a * b + c;
 //   float reduce_add(Vec), reduce_max(Vec);
+//   Vec reduce_rows(const Vec* v): lane j = sum of the lanes of v[j], for kWidth inputs;
+//   Vec select(uint32_t bits, Vec a, float fill): lane j = bit j ? a[j] : fill;
+//   (the last two only for kWidth > 1)
 //   Vec exp_nonpos(Vec x): exp(x) for x <= 0, and exactly 0 for x < ln(FLT_MIN) (about
 //       -87.34), including x = -inf, which marks invalid slots below.
 //
@@ -91,7 +94,9 @@ inline void softmax_row(float* row, int64_t n) {
 
   const Vec inv = Isa::set1(1.0f / Isa::reduce_add(vsum));
   for (i = 0; i + W <= n; i += W) Isa::store(row + i, Isa::mul(Isa::load(row + i), inv));
-  if (i < n) Isa::store_partial(row + i, Isa::mul(Isa::load_partial(row + i, n - i, 0.0f), inv), n - i);
+  if (i < n) {
+    Isa::store_partial(row + i, Isa::mul(Isa::load_partial(row + i, n - i, 0.0f), inv), n - i);
+  }
 }
 
 // K (V with +pool_stride_kv) of table entry `blk`, or nullptr past the end or on an entry
@@ -105,31 +110,64 @@ inline const Elem* next_block(const DecodeArgs& a, const int32_t* table, int64_t
   return static_cast<const Elem*>(a.kv_pool) + id * a.pool_stride_block;
 }
 
-// scale * q_g . k for the G query rows q[g * D, (g + 1) * D), stored at scores[g * S].
-// kNV = D / kWidth when it is a compile-time constant (K then stays in registers and is
-// converted once for all G rows), or 0 for any D.
-template <class Isa, class Load, int kNV>
+// Pass 1 for one slot and any D: scale * q_g . k for the G query rows q[g * D, (g + 1) * D),
+// stored at scores[g * S].
+template <class Isa, class Load>
 inline void score_slot(const float* q, const typename Load::Elem* k, int64_t G, int64_t D,
                        float scale, float* scores, int64_t S) {
   using Vec = typename Isa::Vec;
   constexpr int64_t W = Isa::kWidth;
-  if constexpr (kNV > 0) {
-    Vec kv[kNV];
-    for (int c = 0; c < kNV; ++c) kv[c] = Load::load(k + c * W);
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = q + g * (kNV * W);
-      Vec acc = Isa::mul(Isa::load(qg), kv[0]);
-      for (int c = 1; c < kNV; ++c) acc = Isa::fmadd(Isa::load(qg + c * W), kv[c], acc);
-      scores[g * S] = Isa::reduce_add(acc) * scale;
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = q + g * D;
+    Vec acc = Isa::zero();
+    for (int64_t d = 0; d < D; d += W) {
+      acc = Isa::fmadd(Isa::load(qg + d), Load::load(k + d), acc);
     }
-  } else {
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = q + g * D;
-      Vec acc = Isa::zero();
-      for (int64_t d = 0; d < D; d += W) acc = Isa::fmadd(Isa::load(qg + d), Load::load(k + d), acc);
-      scores[g * S] = Isa::reduce_add(acc) * scale;
+    scores[g * S] = Isa::reduce_add(acc) * scale;
+  }
+}
+
+// Pass 1 for up to kWidth consecutive rows of one head-block, D = kNV * kWidth: the
+// scores of kWidth slots for one query row come out as one vector (reduce_rows), which
+// avoids a horizontal sum and a scalar store per (slot, query row). Rows that are not
+// valid are neither read nor scored: they get -inf. Returns whether any row was valid.
+template <class Isa, class Load, int kNV>
+inline bool score_rows(const float* q, const typename Load::Elem* rows, int64_t row_stride,
+                       int64_t count, const uint8_t* valid, int64_t G, float scale,
+                       float* scores, int64_t S) {
+  using Vec = typename Isa::Vec;
+  constexpr int64_t W = Isa::kWidth, D = kNV * W;
+  uint32_t bits = 0;
+  for (int64_t j = 0; j < count; ++j) bits |= static_cast<uint32_t>(valid[j] != 0) << j;
+  if (bits == 0) {
+    for (int64_t g = 0; g < G; ++g) fill<Isa>(scores + g * S, count, kNegInf);
+    return false;
+  }
+  // K as float32, converted once for all G query rows; zeros for skipped rows.
+  alignas(64) float k[W][D];
+  for (int64_t j = 0; j < W; ++j) {
+    const bool live = (bits >> j) & 1u;
+    for (int c = 0; c < kNV; ++c) {
+      Isa::store(&k[j][c * W], live ? Load::load(rows + j * row_stride + c * W) : Isa::zero());
     }
   }
+  const Vec vscale = Isa::set1(scale);
+  for (int64_t g = 0; g < G; ++g) {
+    Vec qv[kNV];
+    for (int c = 0; c < kNV; ++c) qv[c] = Isa::load(q + g * D + c * W);
+    Vec acc[W];
+    for (int64_t j = 0; j < W; ++j) {
+      acc[j] = Isa::mul(qv[0], Isa::load(&k[j][0]));
+      for (int c = 1; c < kNV; ++c) acc[j] = Isa::fmadd(qv[c], Isa::load(&k[j][c * W]), acc[j]);
+    }
+    const Vec sc = Isa::select(bits, Isa::mul(Isa::reduce_rows(acc), vscale), kNegInf);
+    if (count == W) {
+      Isa::store(scores + g * S, sc);
+    } else {
+      Isa::store_partial(scores + g * S, sc, count);
+    }
+  }
+  return true;
 }
 
 // Pass 3 for kRows query rows starting at row g0, with D = kNV * kWidth: the kRows x kNV
@@ -275,17 +313,33 @@ DecodeStatus decode_range(const DecodeArgs& a, int64_t begin, int64_t end) {
       if (id >= a.num_head_blocks) return DecodeStatus::kHeadBlockOutOfRange;
       const Elem* keys = pool + id * a.pool_stride_block;
       const Elem* next_keys = next_block<Elem>(a, table, blk + 1, num_blocks);
+      if constexpr (kNV > 0) {
+        constexpr int64_t W = Isa::kWidth;
+        for (int64_t o = 0; o < n; o += W) {
+          const int64_t count = n - o < W ? n - o : W;
+          for (int64_t j = o; j < o + count; ++j) {  // see the per-slot loop below
+            const int64_t offset = j * a.pool_stride_row;
+            if (next_keys != nullptr) prefetch_row(next_keys + offset, row_bytes, true);
+            if (valid[first + j]) prefetch_row(keys + a.pool_stride_kv + offset, row_bytes, false);
+          }
+          any_valid |= score_rows<Isa, Load, kNV>(q, keys + o * a.pool_stride_row,
+                                                  a.pool_stride_row, count, valid + first + o, G,
+                                                  a.scale, probs + first + o, S);
+        }
+        continue;
+      }
       for (int64_t o = 0; o < n; ++o) {
         const int64_t s = first + o;
         // While scoring this block: next block's K to L1, this block's V to L2 for pass 3.
-        if (next_keys != nullptr) prefetch_row(next_keys + o * a.pool_stride_row, row_bytes, true);
-        if (valid[s]) prefetch_row(keys + a.pool_stride_kv + o * a.pool_stride_row, row_bytes, false);
+        const int64_t offset = o * a.pool_stride_row;
+        if (next_keys != nullptr) prefetch_row(next_keys + offset, row_bytes, true);
+        if (valid[s]) prefetch_row(keys + a.pool_stride_kv + offset, row_bytes, false);
         if (!valid[s]) {
           for (int64_t g = 0; g < G; ++g) probs[g * S + s] = kNegInf;
           continue;
         }
         any_valid = true;
-        score_slot<Isa, Load, kNV>(q, keys + o * a.pool_stride_row, G, D, a.scale, probs + s, S);
+        score_slot<Isa, Load>(q, keys + o * a.pool_stride_row, G, D, a.scale, probs + s, S);
       }
     }
 

@@ -60,6 +60,24 @@ struct Avx2 {
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  // Transposing sum of 8 vectors, as in kernels_avx512.cpp with two 128-bit lanes.
+  static inline Vec reduce_rows(const Vec* v) {
+    Vec quad[2];
+    for (int i = 0; i < 2; ++i) {
+      const Vec* r = v + 4 * i;
+      const Vec s01 = _mm256_add_ps(_mm256_unpacklo_ps(r[0], r[1]), _mm256_unpackhi_ps(r[0], r[1]));
+      const Vec s23 = _mm256_add_ps(_mm256_unpacklo_ps(r[2], r[3]), _mm256_unpackhi_ps(r[2], r[3]));
+      quad[i] = _mm256_add_ps(_mm256_shuffle_ps(s01, s23, 0x44), _mm256_shuffle_ps(s01, s23, 0xEE));
+    }
+    return _mm256_add_ps(_mm256_permute2f128_ps(quad[0], quad[1], 0x20),
+                         _mm256_permute2f128_ps(quad[0], quad[1], 0x31));
+  }
+  static inline Vec select(uint32_t bits, Vec a, float fill) {
+    const __m256i pow2 = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i set = _mm256_cmpeq_epi32(
+        _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), pow2), pow2);
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), a, _mm256_castsi256_ps(set));
+  }
 
   // Cephes' expf as in kernels_avx512.cpp; 2^n is built in the exponent field, which is
   // valid because the clamp keeps n in [-126, 0].

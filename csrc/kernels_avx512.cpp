@@ -53,6 +53,25 @@ struct Avx512 {
   static inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
   static inline float reduce_add(Vec v) { return _mm512_reduce_add_ps(v); }
   static inline float reduce_max(Vec v) { return _mm512_reduce_max_ps(v); }
+  // Transposing sum of 16 vectors: pairwise unpack/shuffle adds give, per 128-bit lane,
+  // the partial sums of rows 4i..4i+3; two rounds of 128-bit lane shuffles finish them.
+  static inline Vec reduce_rows(const Vec* v) {
+    Vec quad[4];
+    for (int i = 0; i < 4; ++i) {
+      const Vec* r = v + 4 * i;
+      const Vec s01 = _mm512_add_ps(_mm512_unpacklo_ps(r[0], r[1]), _mm512_unpackhi_ps(r[0], r[1]));
+      const Vec s23 = _mm512_add_ps(_mm512_unpacklo_ps(r[2], r[3]), _mm512_unpackhi_ps(r[2], r[3]));
+      quad[i] = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, 0x44), _mm512_shuffle_ps(s01, s23, 0xEE));
+    }
+    const Vec x = _mm512_add_ps(_mm512_shuffle_f32x4(quad[0], quad[1], 0x88),
+                                _mm512_shuffle_f32x4(quad[0], quad[1], 0xDD));
+    const Vec y = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2], quad[3], 0x88),
+                                _mm512_shuffle_f32x4(quad[2], quad[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+  }
+  static inline Vec select(uint32_t bits, Vec a, float fill) {
+    return _mm512_mask_blend_ps(static_cast<__mmask16>(bits), _mm512_set1_ps(fill), a);
+  }
 
   // Cephes' expf: exp(x) = 2^n * exp(r), n = round(x / ln2), |r| <= ln2 / 2, exp(r) by a
   // degree-6 polynomial (about 1 ulp). scalef applies 2^n without integer tricks.

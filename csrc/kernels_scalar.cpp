@@ -50,7 +50,9 @@ struct Scalar {
     std::memcpy(&out, &bits, sizeof(out));
     return out;
   }
-  static inline Vec load_partial(const float* p, int64_t n, float fill) { return n > 0 ? *p : fill; }
+  static inline Vec load_partial(const float* p, int64_t n, float fill) {
+    return n > 0 ? *p : fill;
+  }
   static inline void store(float* p, Vec v) { *p = v; }
   static inline void store_partial(float* p, Vec v, int64_t n) {
     if (n > 0) *p = v;

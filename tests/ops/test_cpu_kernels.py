@@ -264,3 +264,19 @@ def test_dispatch_selects_the_kernels(monkeypatch: pytest.MonkeyPatch):
     assert cpu.cpu_isa() in _ALL_ISAS
     with pytest.raises(ValueError, match="unknown ISA"):
         cpu.set_cpu_isa("sse9")
+
+
+def test_threads_split_work_items_without_changing_results():
+    """(request, KV head) items are independent, so any thread count gives the same bits."""
+    gen = torch.Generator().manual_seed(9)
+    pool, tables, valid = _random_layout(gen, 5, 3, 4, 32, 64, torch.bfloat16)
+    query = torch.randn(5, 9, 64, generator=gen).bfloat16()
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu.paged_decode_attention(query, pool, tables, valid, 0.125)
+        torch.set_num_threads(2)
+        two = cpu.paged_decode_attention(query, pool, tables, valid, 0.125)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
