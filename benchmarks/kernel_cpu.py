@@ -202,9 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(
         "| shape | b | H x G | D | S | torch ms | cpu ms | vllm ms | torch/cpu | cpu/vllm "
-        "| cpu step ms (layers) | max abs diff vs vllm |"
+        "| cpu step ms (layers) | vllm ISA | max abs diff vs vllm |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     for shape in _shapes(args.quick):
         case = _Case(shape, args.block_size, dtype, gen)
@@ -216,11 +216,12 @@ def main(argv: list[str] | None = None) -> None:
             diff = f"{(case.cpu_call()[0].float() - out_vllm.float()).abs().max():.2g}"
         else:
             t_vllm, diff = float("nan"), case.vllm.error
+        vllm_isa = getattr(case.vllm, "isa", "-")
         print(
             f"| {shape.label} | {shape.batch} | {shape.kv_heads} x {shape.group} "
             f"| {shape.head_dim} | {shape.slots} | {t_ref:.3f} | {t_cpu:.3f} | {t_vllm:.3f} "
             f"| {t_ref / t_cpu:.1f} | {t_cpu / t_vllm:.2f} "
-            f"| {t_cpu * shape.layers:.2f} ({shape.layers}) | {diff} |",
+            f"| {t_cpu * shape.layers:.2f} ({shape.layers}) | {vllm_isa} | {diff} |",
             flush=True,
         )
 

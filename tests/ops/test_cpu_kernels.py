@@ -21,13 +21,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-cpu = pytest.importorskip(
-    "crystal_vllm.ops.cpu",
-    reason="the C++ extension crystal_vllm._C is not built (pip install -e . --no-build-isolation)",
-)
+from crystal_vllm import ops
+from crystal_vllm.ops import torch_ref
 
-from crystal_vllm import ops  # noqa: E402
-from crystal_vllm.ops import torch_ref  # noqa: E402
+try:
+    from crystal_vllm.ops import cpu
+except ImportError as exc:
+    pytest.skip(
+        f"the C++ extension is not built (pip install -e . --no-build-isolation): {exc}",
+        allow_module_level=True,
+    )
 
 _ALL_ISAS = ("avx512", "avx2", "scalar")
 
