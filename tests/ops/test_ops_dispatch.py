@@ -12,18 +12,33 @@ from crystal_vllm import ops
 from crystal_vllm.ops import torch_ref
 
 
-@pytest.mark.parametrize("value", [None, "auto", "torch", " Torch "])
-def test_default_and_torch_select_reference(monkeypatch: pytest.MonkeyPatch, value: str | None):
+@pytest.mark.parametrize("value", [None, "auto"])
+def test_auto_prefers_compiled_implementations(monkeypatch: pytest.MonkeyPatch, value):
     if value is None:
         monkeypatch.delenv(ops.ENV_VAR, raising=False)
     else:
         monkeypatch.setenv(ops.ENV_VAR, value)
+    preferred = next(name for name in ("triton", "cpu", "torch") if name in ops.available())
+    assert ops.get_impl() is ops.get_impl(preferred)
+
+
+@pytest.mark.parametrize("value", ["torch", " Torch "])
+def test_torch_selects_the_reference(monkeypatch: pytest.MonkeyPatch, value: str):
+    monkeypatch.setenv(ops.ENV_VAR, value)
     assert ops.get_impl() is torch_ref
     assert "torch" in ops.available()
 
 
+def test_auto_falls_back_to_torch_without_compiled_kernels(monkeypatch: pytest.MonkeyPatch):
+    for name in ("triton", "cpu"):
+        monkeypatch.setitem(ops._loaded, name, None)
+    monkeypatch.setenv(ops.ENV_VAR, "auto")
+    assert ops.get_impl() is torch_ref
+
+
 @pytest.mark.parametrize("name", ["cpu", "triton"])
 def test_missing_implementation_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, name: str):
+    monkeypatch.setitem(ops._loaded, name, None)  # as if its build were absent
     monkeypatch.setenv(ops.ENV_VAR, name)
     with pytest.raises(RuntimeError, match=f"{name}.*not available.*torch"):
         ops.gather_kv(torch.zeros(1, 2, 1, 1), torch.zeros(1, 1, 1, dtype=torch.int32))
