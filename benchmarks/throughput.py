@@ -107,13 +107,14 @@ def run_case(spec: dict) -> dict:
     start = time.perf_counter()
     first_token: dict[str, float] = {}
     finished: dict[str, tuple[float, int]] = {}
-    peak_running = peak_blocks = steps = running_sum = 0
+    peak_running = peak_blocks = steps = 0
+    timeline: list[tuple[float, int]] = []  # (seconds since start, running after the step)
     while engine.has_unfinished_requests():
         outputs = engine.step()
         now = time.perf_counter() - start
         steps += 1
         peak_running = max(peak_running, len(scheduler.running))
-        running_sum += len(scheduler.running)
+        timeline.append((now, len(scheduler.running)))
         peak_blocks = max(peak_blocks, pool.num_gpu_blocks - 1 - pool.get_num_free_blocks())
         for out in outputs:
             if out.outputs and out.outputs[0].token_ids:
@@ -143,7 +144,13 @@ def run_case(spec: dict) -> dict:
         "generated_tokens": generated,
         "output_tok_s": generated / elapsed,
         "peak_running": peak_running,
-        "mean_running": running_sum / max(steps, 1),
+        # Time-weighted: each step's running count weighs as long as the step took.
+        "mean_running": sum(
+            n * (t - t0)
+            for (t0, _), (t, n) in zip([(0.0, 0), *timeline[:-1]], timeline, strict=True)
+        )
+        / elapsed,
+        "timeline": timeline,
         "peak_blocks": peak_blocks,
         "total_blocks": pool.num_gpu_blocks - 1,
         "peak_kv_bytes": peak_blocks * spec["page_bytes"],
@@ -271,13 +278,16 @@ def _plot(results: list[dict]):
     labels = [
         r["policy"] if r["budget"] is None else f"{r['policy']}:{r['budget']}" for r in results
     ]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     ax1.bar(labels, [r["output_tok_s"] for r in results], color="tab:blue")
     ax1.set_ylabel("output tokens / s")
-    ax2.bar(labels, [r["peak_running"] for r in results], color="tab:orange")
-    ax2.set_ylabel("peak running requests")
-    for ax in (ax1, ax2):
-        ax.tick_params(axis="x", rotation=30)
+    ax1.tick_params(axis="x", rotation=30)
+    for label, r in zip(labels, results, strict=True):
+        times = [t for t, _ in r["timeline"]]
+        ax2.step(times, [n for _, n in r["timeline"]], where="post", label=label)
+    ax2.set_xlabel("seconds")
+    ax2.set_ylabel("running requests")
+    ax2.legend()
     fig.suptitle("Throughput at fixed KV memory")
     fig.tight_layout()
     return fig
