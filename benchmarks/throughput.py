@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-num-seqs", type=int, default=64, help="scheduler limit on running requests"
     )
+    parser.add_argument(
+        "--expect-no-eviction",
+        action="store_true",
+        help="measure the policy path's overhead: budgets above every sequence, so a case "
+        "that evicts fails the run (by default a policy case that evicts nothing fails it)",
+    )
     parser.add_argument("--name", default="throughput", help="result file name suffix")
     parser.add_argument("--results-dir", type=Path, default=None, help="where results go")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -217,7 +223,10 @@ def main(argv: list[str] | None = None) -> None:
         if proc.returncode != 0 or not lines:
             raise SystemExit(f"case {policy}:{budget} failed:\n{proc.stderr[-4000:]}")
         result = json.loads(lines[-1][len("RESULT ") :])
-        if policy not in ("none", "full") and not (result["crystal"] or {}).get("evictions"):
+        evictions = (result["crystal"] or {}).get("evictions", 0)
+        if args.expect_no_eviction and evictions:
+            raise SystemExit(f"case {policy}:{budget} evicted {evictions} entries")
+        if not args.expect_no_eviction and policy not in ("none", "full") and not evictions:
             raise SystemExit(f"case {policy}:{budget} evicted nothing: compression did not run")
         results.append(result)
 
