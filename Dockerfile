@@ -7,8 +7,11 @@ FROM vllm/vllm-openai:v0.32.0
 WORKDIR /opt/crystal-vllm
 COPY pyproject.toml setup.py README.md ./
 COPY crystal_vllm ./crystal_vllm
-# vLLM (and its CUDA torch) come from the base image; install only this package.
-RUN pip install --no-cache-dir --no-deps . && python -c "import crystal_vllm.vllm_ext.plugin"
+COPY csrc ./csrc
+# vLLM (and its CUDA torch) come from the base image; install only this package, built
+# against that torch (no build isolation) so the C++ CPU kernels compile too.
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
+    && python -c "import crystal_vllm.vllm_ext.plugin"
 
 # Arguments after the image name are appended, e.g.
 #   docker run ... crystal-vllm /models/MyModel --kv-budget 1024
