@@ -131,14 +131,10 @@ def run_case(spec: dict) -> dict:
 
     runner = core.model_executor.driver_worker.worker.model_runner
     cache = getattr(runner, "crystal_cache", None)
-    stats = (
-        None
-        if cache is None
-        else {
-            "evictions": cache.stats.evictions + cache.stats.prefill_evictions,
-            "reallocations": cache.stats.reallocations,
-        }
-    )
+    stats = None
+    if cache is not None:
+        summary = cache.summary()
+        stats = {"evictions": summary["evictions"], "reallocations": summary["reallocations"]}
     generated = sum(n for _, n in finished.values())
     tpot = [(finished[r][0] - first_token[r]) / max(finished[r][1] - 1, 1) for r in finished]
     from crystal_vllm import ops

@@ -79,7 +79,6 @@ class CompressedKVCache:
         max_rows: int,
         max_slots: int,
         max_blocks_per_row: int,
-        num_q_heads: int,
         scale: float,
         debug_checks: bool = False,
     ) -> None:
@@ -87,7 +86,6 @@ class CompressedKVCache:
         self.layout = layout
         self.kv_pool = kv_pool
         self.scale = scale
-        self.num_q_heads = num_q_heads
         self.debug_checks = debug_checks
         device = kv_pool.device
         L, H, bs = layout.num_layers, layout.num_kv_heads, layout.block_size

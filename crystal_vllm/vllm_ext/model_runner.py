@@ -89,7 +89,6 @@ class CrystalCPUModelRunner(CPUModelRunner):
             max_rows=self.scheduler_config.max_num_seqs,
             max_slots=cap * spec.block_size,
             max_blocks_per_row=cap,
-            num_q_heads=self.model_config.get_num_attention_heads(self.parallel_config),
             scale=spec.head_size**-0.5,
             debug_checks=self.crystal_config.debug_checks,
         )

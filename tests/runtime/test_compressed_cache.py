@@ -40,7 +40,6 @@ def _make_cache(policy_name: str, budget: int, num_blocks: int = 64):
         max_rows=4,
         max_slots=cap * BS,
         max_blocks_per_row=cap,
-        num_q_heads=H * G,
         scale=SCALE,
         debug_checks=True,
     )
