@@ -3,11 +3,14 @@
 Callers use the functions of this module; each forwards to the implementation chosen
 by the environment variable ``CRYSTAL_VLLM_OPS``:
 
-* ``auto`` (default): the first available of ``_AUTO_ORDER``;
+* ``auto`` (default): by the device of the KV pool, the first available of
+  ``_AUTO_ORDER[device type]``: ``cpu`` then ``torch`` on the CPU, ``triton`` then
+  ``torch`` on CUDA;
 * ``torch``: the plain-torch reference (:mod:`crystal_vllm.ops.torch_ref`);
 * ``cpu``: the C++ kernels (:mod:`crystal_vllm.ops.cpu`, needs the ``crystal_vllm._C``
   extension; without it the name is known but unavailable);
-* ``triton``: Triton kernels (not built yet).
+* ``triton``: the Triton kernels of the repository's ``kernels/`` directory
+  (:mod:`crystal_vllm.ops.triton`; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 
 An implementation is a module that defines every name in ``OPS`` with the signatures
 of :mod:`crystal_vllm.ops.torch_ref`. The variable is read on every call so tests can
@@ -22,8 +25,10 @@ from types import ModuleType
 
 import torch
 
+from crystal_vllm.policy.lrfu import LRFUPolicy, LRFUState
+
 ENV_VAR = "CRYSTAL_VLLM_OPS"
-OPS = ("write_kv", "gather_kv", "paged_decode_attention", "move_entries")
+OPS = ("write_kv", "gather_kv", "paged_decode_attention", "move_entries", "lrfu_decode_layer")
 
 # name -> module implementing OPS; None marks a known name that is not built yet. A
 # module may also raise ImportError (a compiled extension that is not built): that name
@@ -31,9 +36,9 @@ OPS = ("write_kv", "gather_kv", "paged_decode_attention", "move_entries")
 _REGISTRY: dict[str, str | None] = {
     "torch": "crystal_vllm.ops.torch_ref",
     "cpu": "crystal_vllm.ops.cpu",
-    "triton": None,
+    "triton": "crystal_vllm.ops.triton",
 }
-_AUTO_ORDER = ("triton", "cpu", "torch")
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")}
 _loaded: dict[str, ModuleType | None] = {}
 
 
@@ -55,13 +60,15 @@ def available() -> list[str]:
     return [name for name in _REGISTRY if _load(name) is not None]
 
 
-def get_impl(name: str | None = None) -> ModuleType:
-    """The implementation module for ``name`` (default: the ``CRYSTAL_VLLM_OPS`` value)."""
+def get_impl(name: str | None = None, device: torch.device | None = None) -> ModuleType:
+    """The implementation module for ``name`` (default: the ``CRYSTAL_VLLM_OPS`` value);
+    ``auto`` picks by ``device`` (default CPU), the device of the tensors to be processed."""
     if name is None:
         name = os.environ.get(ENV_VAR, "auto")
     name = name.strip().lower()
     if name == "auto":
-        for candidate in _AUTO_ORDER:
+        device_type = device.type if device is not None else "cpu"
+        for candidate in _AUTO_ORDER.get(device_type, ("torch",)):
             module = _load(candidate)
             if module is not None:
                 return module
@@ -88,14 +95,14 @@ def write_kv(
     value: torch.Tensor,
 ) -> None:
     """Scatter new K/V per head into their slots; see :func:`torch_ref.write_kv`."""
-    get_impl().write_kv(kv_pool, block_tables, slots, key, value)
+    get_impl(device=kv_pool.device).write_kv(kv_pool, block_tables, slots, key, value)
 
 
 def gather_kv(
     kv_pool: torch.Tensor, block_tables: torch.Tensor, num_slots: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read K and V of every slot; see :func:`torch_ref.gather_kv`."""
-    return get_impl().gather_kv(kv_pool, block_tables, num_slots)
+    return get_impl(device=kv_pool.device).gather_kv(kv_pool, block_tables, num_slots)
 
 
 def paged_decode_attention(
@@ -107,14 +114,50 @@ def paged_decode_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention over per-head tables, with probabilities; see
     :func:`torch_ref.paged_decode_attention`."""
-    return get_impl().paged_decode_attention(query, kv_pool, block_tables, valid, scale)
+    return get_impl(device=kv_pool.device).paged_decode_attention(
+        query, kv_pool, block_tables, valid, scale
+    )
 
 
 def move_entries(
     kv_pool: torch.Tensor, block_tables: torch.Tensor, src: torch.Tensor, dst: torch.Tensor
 ) -> None:
     """Apply a compaction plan to the K/V pool; see :func:`torch_ref.move_entries`."""
-    get_impl().move_entries(kv_pool, block_tables, src, dst)
+    get_impl(device=kv_pool.device).move_entries(kv_pool, block_tables, src, dst)
+
+
+def lrfu_decode_layer(
+    policy: LRFUPolicy,
+    state: LRFUState,
+    rows: torch.Tensor,
+    layer: int,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    budgets: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole LRFU decode step of one layer (insert, attend, hits, evict); see
+    :func:`torch_ref.lrfu_decode_layer`."""
+    return get_impl(device=kv_pool.device).lrfu_decode_layer(
+        policy,
+        state,
+        rows,
+        layer,
+        slots,
+        positions,
+        budgets,
+        query,
+        key,
+        value,
+        kv_pool,
+        block_tables,
+        scale,
+    )
 
 
 __all__ = [
@@ -123,6 +166,7 @@ __all__ = [
     "available",
     "gather_kv",
     "get_impl",
+    "lrfu_decode_layer",
     "move_entries",
     "paged_decode_attention",
     "write_kv",

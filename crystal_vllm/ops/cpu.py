@@ -30,6 +30,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 __all__ = [
     "cpu_isa",
     "gather_kv",
+    "lrfu_decode_layer",
     "move_entries",
     "paged_decode_attention",
     "set_cpu_isa",
@@ -40,6 +41,7 @@ _KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 
 gather_kv = torch_ref.gather_kv
 move_entries = torch_ref.move_entries
+lrfu_decode_layer = torch_ref.lrfu_decode_layer
 
 
 def cpu_isa() -> str:

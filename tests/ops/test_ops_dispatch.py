@@ -18,8 +18,19 @@ def test_auto_prefers_compiled_implementations(monkeypatch: pytest.MonkeyPatch, 
         monkeypatch.delenv(ops.ENV_VAR, raising=False)
     else:
         monkeypatch.setenv(ops.ENV_VAR, value)
-    preferred = next(name for name in ("triton", "cpu", "torch") if name in ops.available())
+    preferred = next(name for name in ("cpu", "torch") if name in ops.available())
     assert ops.get_impl() is ops.get_impl(preferred)
+    assert ops.get_impl(device=torch.device("cpu")) is ops.get_impl(preferred)
+
+
+def test_auto_picks_by_device(monkeypatch: pytest.MonkeyPatch):
+    """CUDA tensors go to Triton (never to the C++ CPU kernels), CPU tensors to C++."""
+    monkeypatch.setenv(ops.ENV_VAR, "auto")
+    cuda = torch.device("cuda")
+    expected = ops.get_impl("triton") if "triton" in ops.available() else torch_ref
+    assert ops.get_impl(device=cuda) is expected
+    monkeypatch.setitem(ops._loaded, "triton", None)
+    assert ops.get_impl(device=cuda) is torch_ref
 
 
 @pytest.mark.parametrize("value", ["torch", " Torch "])
@@ -59,15 +70,19 @@ def test_public_functions_forward_to_selected_impl(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(ops._loaded, "cpu", fake)
     monkeypatch.setenv(ops.ENV_VAR, "cpu")
 
-    assert ops.write_kv(1, 2, 3, 4, 5) is None
-    assert ops.gather_kv(1, 2) == "gather_kv"
-    assert ops.paged_decode_attention(1, 2, 3, 4, 0.5) == "paged_decode_attention"
-    ops.move_entries(1, 2, 3, 4)
+    pool = torch.zeros(1)  # dispatch reads the pool's device, the fake reads nothing
+    assert ops.write_kv(pool, 2, 3, 4, 5) is None
+    assert ops.gather_kv(pool, 2) == "gather_kv"
+    assert ops.paged_decode_attention(1, pool, 3, 4, 0.5) == "paged_decode_attention"
+    ops.move_entries(pool, 2, 3, 4)
+    args = tuple(range(10, 20))
+    assert ops.lrfu_decode_layer(*args, pool, 0, 0.5) == "lrfu_decode_layer"
     assert calls == [
-        ("write_kv", (1, 2, 3, 4, 5)),
-        ("gather_kv", (1, 2, None)),
-        ("paged_decode_attention", (1, 2, 3, 4, 0.5)),
-        ("move_entries", (1, 2, 3, 4)),
+        ("write_kv", (pool, 2, 3, 4, 5)),
+        ("gather_kv", (pool, 2, None)),
+        ("paged_decode_attention", (1, pool, 3, 4, 0.5)),
+        ("move_entries", (pool, 2, 3, 4)),
+        ("lrfu_decode_layer", (*args, pool, 0, 0.5)),
     ]
     # auto prefers a compiled implementation once one is available.
     monkeypatch.setenv(ops.ENV_VAR, "auto")
