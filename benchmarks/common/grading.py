@@ -3,7 +3,8 @@
 Models phrase answers loosely ("The final answer is: **$1,234.50**", "\\boxed{18}",
 "#### 18", "... so she makes 18 dollars."). The extractor tries, in order: the last
 "final answer" phrase, the last ``\\boxed{}``, the last ``####``, the last "answer is",
-and finally the last number anywhere.
+and finally the last number anywhere. AIME answers are integers 0-999: :func:`grade` with
+``integer=True`` accepts only an integral prediction equal to the reference.
 """
 
 from __future__ import annotations
@@ -70,3 +71,21 @@ def is_correct(predicted: str | None, reference: str, rel_tol: float = 1e-6) -> 
     if pred is None or ref is None:
         return False
     return math.isclose(pred, ref, rel_tol=rel_tol, abs_tol=rel_tol)
+
+
+def is_integer_match(predicted: str | None, reference: str) -> bool:
+    """Exact integer equality (AIME): ``12.5`` never matches ``12``, ``012`` matches ``12``."""
+    if predicted is None:
+        return False
+    pred, ref = parse_number(predicted), parse_number(reference)
+    if pred is None or ref is None or pred != round(pred) or ref != round(ref):
+        return False
+    return int(round(pred)) == int(round(ref))
+
+
+def grade(text: str, reference: str, integer: bool = False) -> tuple[str | None, bool]:
+    """The answer extracted from a model's ``text`` and whether it matches ``reference``
+    (numerically, or as an integer when ``integer``)."""
+    predicted = extract_answer(text)
+    match = is_integer_match if integer else is_correct
+    return predicted, match(predicted, reference)

@@ -1,0 +1,506 @@
+"""GSM8K / AIME 2025 accuracy of vanilla vLLM and KV policies, through the OpenAI API.
+
+Every problem is one chat completion (the model's chat template, the shared system
+prompt, greedy by default). Against a server started elsewhere (a GPU, say) pass
+``--base-url``; each case then names the policy that server runs (a label) and the
+budget each request asks for through ``vllm_xargs`` (``crystal:128``; a bare
+``crystal`` sends none). With ``--serve MODEL`` the script starts one local server per
+policy with the same vLLM flags on every side (eager, one dtype, one max-model-len,
+prefix caching off), at the largest budget of that policy; smaller budgets are asked for
+per request. Results go to one JSONL per (dataset, model, case, max tokens) as problems
+finish, and a rerun skips the problems already there, so a killed run resumes.
+
+Examples:
+    python benchmarks/accuracy.py --serve qwen2.5-coder-0.5b --limit 100 \\
+        --max-tokens 512 --concurrency 8 --cases none crystal:128 h2o:128
+    python benchmarks/accuracy.py --base-url http://gpu-host:8000 --cases crystal:512
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common.datasets import Problem, load_aime2025, load_gsm8k  # noqa: E402
+from benchmarks.common.grading import grade  # noqa: E402
+from benchmarks.common.prompts import SYSTEM_PROMPT, build_messages  # noqa: E402
+from benchmarks.common.results import RESULTS_DIR, markdown_table, write_results  # noqa: E402
+from benchmarks.common.runlog import RunLog  # noqa: E402
+
+DATASETS = {"gsm8k": load_gsm8k, "aime2025": load_aime2025}
+POLICIES = ("none", "full", "crystal", "crystal-lite", "lru", "streaming", "h2o", "snapkv", "rkv")
+DEFAULT_RUN_DIR = RESULTS_DIR / "accuracy_runs"
+_EVICTIONS_LOG = re.compile(r"crystal-vllm: \d+ running, (\d+) evictions")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One column of the comparison: a policy and the budget each request asks for."""
+
+    policy: str
+    budget: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.policy if self.budget is None else f"{self.policy}:{self.budget}"
+
+
+def parse_case(text: str) -> Case:
+    """``none``, ``POLICY`` or ``POLICY:BUDGET`` with a known policy and BUDGET >= 1."""
+    policy, sep, budget = text.partition(":")
+    if policy not in POLICIES:
+        raise argparse.ArgumentTypeError(
+            f"case {text!r}: unknown policy {policy!r}; allowed: {', '.join(POLICIES)}"
+        )
+    if not sep:
+        return Case(policy)
+    if policy == "none" or not budget.isdigit() or int(budget) < 1:
+        raise argparse.ArgumentTypeError(
+            f"case {text!r} must be 'none', POLICY or POLICY:BUDGET with an integer "
+            "BUDGET >= 1 (e.g. crystal:256)"
+        )
+    return Case(policy, int(budget))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--base-url",
+        help="a running OpenAI-compatible server (e.g. http://127.0.0.1:8000); cases label "
+        "its policy and the kv_budget each request asks for",
+    )
+    target.add_argument(
+        "--serve",
+        metavar="MODEL",
+        help="start one local `vllm serve` per policy: a bundled model name "
+        "(smollm2, qwen2.5-coder-0.5b, tiny) or an HF folder",
+    )
+    parser.add_argument(
+        "--model-name",
+        help="model id for the API (default: the server's first model) and for file names",
+    )
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        type=parse_case,
+        default=[Case("none")],
+        help="cases, each 'none', POLICY or POLICY:BUDGET (budget = KV entries kept per "
+        "layer and KV head, sent as vllm_xargs kv_budget); default: none",
+    )
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="gsm8k", help="problems")
+    parser.add_argument("--limit", type=int, default=None, help="number of problems (all)")
+    parser.add_argument("--offset", type=int, default=0, help="first problem's index (0)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=512, help="generated tokens at most (512)"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)"
+    )
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (8)")
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="--serve: context length of every server (default: max tokens + 1024)",
+    )
+    parser.add_argument(
+        "--dtype", default="bfloat16", help="--serve: model dtype on every server (bfloat16)"
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="--serve: one more `vllm serve` argument for every server (repeatable, e.g. "
+        "--server-arg=--block-size=32)",
+    )
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=DEFAULT_RUN_DIR,
+        help="where the per-case JSONL files (and server logs) go; a rerun resumes from them",
+    )
+    parser.add_argument(
+        "--request-timeout", type=float, default=3600.0, help="seconds per request (3600)"
+    )
+    parser.add_argument("--name", default=None, help="result file name (accuracy_DATASET_MODEL)")
+    parser.add_argument("--results-dir", type=Path, default=None, help="where results go")
+    return parser
+
+
+# -- per-problem records and their summary ------------------------------------------------
+
+
+def run_log_path(run_dir: Path, dataset: str, model: str, case: Case, max_tokens: int) -> Path:
+    """One JSONL per (dataset, model, case, max tokens)."""
+    budget = "default" if case.budget is None else str(case.budget)
+    return run_dir / f"{dataset}_{model}_{case.policy}-{budget}_max{max_tokens}.jsonl"
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy, mean generated tokens and truncations (finish reason ``length``)."""
+    n = len(records)
+    correct = sum(bool(r["correct"]) for r in records)
+    return {
+        "problems": n,
+        "correct": correct,
+        "accuracy": correct / n if n else math.nan,
+        "avg_completion_tokens": (
+            sum(r["completion_tokens"] for r in records) / n if n else math.nan
+        ),
+        "truncated": sum(r["finish_reason"] == "length" for r in records),
+    }
+
+
+def relative_accuracy(accuracy: float, baseline: float | None) -> float:
+    """``accuracy / baseline``; NaN without a baseline or when the baseline is 0."""
+    if baseline is None or math.isnan(baseline) or baseline == 0 or math.isnan(accuracy):
+        return math.nan
+    return accuracy / baseline
+
+
+# -- talking to a server ------------------------------------------------------------------
+
+
+def solve(
+    client: Any,
+    model_name: str,
+    problem: Problem,
+    case: Case,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """One chat completion for ``problem``, graded."""
+    extra_body: dict[str, Any] = {}
+    if case.budget is not None:
+        extra_body["vllm_xargs"] = {"kv_budget": case.budget}
+    start = time.perf_counter()
+    response = client.chat.completions.create(
+        model=model_name,
+        messages=build_messages(problem.question),
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=0,
+        extra_body=extra_body or None,
+    )
+    seconds = time.perf_counter() - start
+    choice = response.choices[0]
+    text = choice.message.content or ""
+    predicted, correct = grade(text, problem.answer, integer=args.dataset == "aime2025")
+    return {
+        "id": problem.id,
+        "reference": problem.answer,
+        "predicted": predicted,
+        "correct": correct,
+        "completion_tokens": response.usage.completion_tokens,
+        "prompt_tokens": response.usage.prompt_tokens,
+        "finish_reason": choice.finish_reason,
+        "seconds": round(seconds, 3),
+        "text": text,
+    }
+
+
+def run_case(
+    client: Any,
+    model_name: str,
+    problems: Sequence[Problem],
+    case: Case,
+    log: RunLog,
+    args: argparse.Namespace,
+) -> int:
+    """Solve the problems ``log`` lacks, ``args.concurrency`` at a time; return how many
+    ran. The first failed request stops the case (its error is raised)."""
+    from tqdm import tqdm
+
+    todo = [p for p in problems if not log.done(p.id)]
+    if not todo:
+        return 0
+    with (
+        ThreadPoolExecutor(max_workers=args.concurrency) as pool,
+        tqdm(total=len(todo), desc=case.label, unit="problem") as bar,
+    ):
+
+        def finished(future: Future) -> None:
+            if not future.cancelled() and future.exception() is None:
+                log.add(future.result())
+            bar.update()
+
+        futures = [pool.submit(solve, client, model_name, p, case, args) for p in todo]
+        for future in futures:
+            future.add_done_callback(finished)
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in pending:
+            future.cancel()
+        for future in done:
+            if future.exception() is not None:
+                raise RuntimeError(f"case {case.label}: a request failed") from future.exception()
+    return len(todo)
+
+
+def _model_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name.rstrip("/")).name.removesuffix("-bf16"))
+
+
+def server_args(case_policy: str, budget: int | None, args: argparse.Namespace) -> list[str]:
+    """`vllm serve` flags: identical on every side except the policy and its budget."""
+    max_model_len = args.max_model_len or args.max_tokens + 1024
+    flags = [
+        "--enforce-eager",
+        "--dtype",
+        args.dtype,
+        "--max-model-len",
+        str(max_model_len),
+        "--no-enable-prefix-caching",
+        "--seed",
+        "0",
+        "--max-num-seqs",
+        str(max(args.concurrency, 1)),
+        "--kv-policy",
+        case_policy,
+    ]
+    if budget is not None:
+        flags += ["--kv-budget", str(budget)]
+    return flags + list(args.server_arg)
+
+
+def group_by_policy(cases: Sequence[Case]) -> dict[str, list[Case]]:
+    """Cases per policy in first-seen order: one server serves all budgets of a policy."""
+    groups: dict[str, list[Case]] = {}
+    for case in cases:
+        groups.setdefault(case.policy, [])
+        if case not in groups[case.policy]:
+            groups[case.policy].append(case)
+    return groups
+
+
+def evictions_logged(log_path: Path) -> int | None:
+    """Evictions in the server's last periodic stats line (logged every 10 s), if any."""
+    matches = _EVICTIONS_LOG.findall(log_path.read_text(errors="replace"))
+    return int(matches[-1]) if matches else None
+
+
+@contextlib.contextmanager
+def _openai_client(base_url: str, timeout: float) -> Iterator[Any]:
+    import openai
+
+    client = openai.OpenAI(
+        base_url=f"{base_url.rstrip('/')}/v1", api_key="unused", timeout=timeout, max_retries=0
+    )
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+# -- results ------------------------------------------------------------------------------
+
+
+def plot(rows: Sequence[dict[str, Any]], title: str) -> Any:
+    """Accuracy vs budget, one line per policy, a horizontal line for ``none``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_policy: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        if row["policy"] == "none":
+            ax.axhline(row["accuracy"], color="black", linestyle="--", label="none (full KV)")
+        elif row["budget"] is not None:
+            by_policy.setdefault(row["policy"], []).append((row["budget"], row["accuracy"]))
+    for policy, points in by_policy.items():
+        points.sort()
+        ax.plot([b for b, _ in points], [a for _, a in points], marker="o", label=policy)
+    ax.set_xlabel("KV budget (entries per layer and KV head)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def report(
+    rows: Sequence[dict[str, Any]], settings: dict[str, Any], args: argparse.Namespace
+) -> str:
+    headers = [
+        "case",
+        "problems",
+        "accuracy",
+        "vs none",
+        "avg generated tokens",
+        "truncated",
+        "wall s (this run)",
+        "evictions (server log)",
+    ]
+    table = markdown_table(
+        headers,
+        [
+            [
+                r["case"],
+                r["problems"],
+                r["accuracy"],
+                r["relative_to_none"],
+                r["avg_completion_tokens"],
+                r["truncated"],
+                r["wall_s"],
+                "n/a" if r["evictions_logged"] is None else r["evictions_logged"],
+            ]
+            for r in rows
+        ],
+    )
+    lines = [
+        f"# Accuracy: {settings['model']} on {settings['dataset']}",
+        "",
+        f"- model: {settings['model']}; problems: {settings['problems']} "
+        f"(offset {args.offset}); max tokens {args.max_tokens}; "
+        f"temperature {args.temperature}; concurrency {args.concurrency}",
+        f"- servers: {settings['servers']}",
+        "- budget: KV entries kept per (layer, KV head), sent per request as "
+        "vllm_xargs kv_budget; `vs none` = accuracy / accuracy of none",
+        "- truncated: finish reason `length` (hit max tokens); evictions: the server's "
+        "cumulative count in its last 10 s stats line after the case (approximate)",
+        "",
+        table,
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    for flag, value, low in (
+        ("--max-tokens", args.max_tokens, 1),
+        ("--concurrency", args.concurrency, 1),
+    ):
+        if value < low:
+            raise SystemExit(f"{flag} {value} is invalid: it must be >= {low}")
+    problems = DATASETS[args.dataset](limit=args.limit, offset=args.offset)
+    if args.serve is not None and any(c.budget is None and c.policy != "none" for c in args.cases):
+        raise SystemExit("--serve needs a budget for every policy case (e.g. crystal:256)")
+
+    wall: dict[Case, float] = {}
+    evictions: dict[Case, int | None] = {}
+    logs: dict[Case, RunLog] = {}
+
+    def open_log(case: Case, slug: str) -> RunLog:
+        settings = {
+            "dataset": args.dataset,
+            "model": slug,
+            "case": case.label,
+            "max_tokens": args.max_tokens,
+            "temperature": args.temperature,
+            "system_prompt": SYSTEM_PROMPT,
+        }
+        path = run_log_path(args.run_dir, args.dataset, slug, case, args.max_tokens)
+        return RunLog(path, settings)
+
+    def run_all(
+        base_url: str, cases: Sequence[Case], slug: str | None, server_log: Path | None
+    ) -> str:
+        with _openai_client(base_url, args.request_timeout) as client:
+            model_name = args.model_name or client.models.list().data[0].id
+            slug = slug or _model_slug(model_name)
+            for case in cases:
+                logs.setdefault(case, open_log(case, slug))
+                start = time.perf_counter()
+                ran = run_case(client, model_name, problems, case, logs[case], args)
+                wall[case] = time.perf_counter() - start if ran else math.nan
+                evictions[case] = evictions_logged(server_log) if server_log else None
+        return slug
+
+    if args.base_url is not None:
+        slug = run_all(
+            args.base_url, args.cases, args.model_name and _model_slug(args.model_name), None
+        )
+        servers = f"external server at {args.base_url}"
+    else:
+        from crystal_vllm.models import MODEL_NAMES, prepare_model
+        from crystal_vllm.serving import serve
+
+        model = prepare_model(args.serve) if args.serve in MODEL_NAMES else Path(args.serve)
+        slug = _model_slug(args.model_name or args.serve)
+        servers = (
+            f"`vllm serve MODEL {' '.join(server_args('POLICY', None, args))}` "
+            "+ `--kv-budget` = the policy's largest budget, one server per policy"
+        )
+        for case in args.cases:
+            logs[case] = open_log(case, slug)
+            wall[case], evictions[case] = math.nan, None
+        for policy, cases in group_by_policy(args.cases).items():
+            if all(logs[c].done(p.id) for c in cases for p in problems):
+                continue  # resumed: nothing left for this server
+            budget = max((c.budget for c in cases if c.budget is not None), default=None)
+            flags = server_args(policy, budget, args)
+            if args.model_name:
+                flags += ["--served-model-name", args.model_name]
+            log_path = args.run_dir / f"server_{slug}_{policy}.log"
+            print(f"starting vllm serve {model} {' '.join(flags)} (log: {log_path})", flush=True)
+            with serve(model, flags, log_path=log_path, startup_timeout=900) as server:
+                run_all(server.base_url, cases, slug, log_path)
+
+    baseline = None
+    rows = []
+    for case in args.cases:
+        records = [logs[case].records[p.id] for p in problems if logs[case].done(p.id)]
+        summary = summarize(records)
+        if case.policy == "none":
+            baseline = summary["accuracy"]
+        rows.append(
+            {
+                "case": case.label,
+                "policy": case.policy,
+                "budget": case.budget,
+                **summary,
+                "wall_s": wall[case],
+                "evictions_logged": evictions[case],
+                "run_log": str(logs[case].path),
+            }
+        )
+    for row in rows:
+        row["relative_to_none"] = relative_accuracy(row["accuracy"], baseline)
+
+    settings = {
+        "dataset": args.dataset,
+        "model": slug,
+        "problems": len(problems),
+        "offset": args.offset,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "concurrency": args.concurrency,
+        "system_prompt": SYSTEM_PROMPT,
+        "servers": servers,
+    }
+    markdown = report(rows, settings, args)
+    title = (
+        f"{slug} on {args.dataset}: {len(problems)} problems, max {args.max_tokens} tokens, "
+        f"T={args.temperature}"
+    )
+    paths = write_results(
+        args.name or f"accuracy_{args.dataset}_{slug}",
+        {"settings": settings, "cases": rows},
+        markdown,
+        plot(rows, title),
+        args.results_dir,
+    )
+    print(markdown)
+    print(f"results: {paths.json}, {paths.markdown}, {paths.png}")
+
+
+if __name__ == "__main__":
+    main()

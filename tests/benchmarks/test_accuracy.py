@@ -1,0 +1,207 @@
+"""The accuracy benchmark: cases, grading, the resumable run log, summaries, a smoke run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from benchmarks.accuracy import (
+    Case,
+    group_by_policy,
+    main,
+    parse_case,
+    relative_accuracy,
+    run_case,
+    run_log_path,
+    summarize,
+)
+from benchmarks.common.datasets import Problem
+from benchmarks.common.grading import grade, is_integer_match
+from benchmarks.common.runlog import RunLog
+
+
+def test_parse_case() -> None:
+    assert parse_case("none") == Case("none")
+    assert parse_case("crystal:128") == Case("crystal", 128)
+    assert parse_case("h2o") == Case("h2o")
+    assert parse_case("crystal-lite:8").label == "crystal-lite:8"
+    for bad in ("crystal:0", "crystal:-3", "crystal:x", "none:64", "bogus:64"):
+        with pytest.raises(argparse.ArgumentTypeError, match=bad.split(":")[0]):
+            parse_case(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "reference", "integer", "expected"),
+    [
+        ("The final answer is 336", "336", True, ("336", True)),
+        ("The final answer is $336^\\circ$", "336", True, ("336", True)),
+        ("\\boxed{070}", "70", True, ("70", True)),
+        ("The final answer is 12.5", "12", True, ("12.5", False)),
+        ("The final answer is 12.5", "12.5", False, ("12.5", True)),
+        ("The final answer is 1,000.", "1000", False, ("1000", True)),
+        ("no idea", "5", True, (None, False)),
+    ],
+)
+def test_grade(text: str, reference: str, integer: bool, expected) -> None:
+    assert grade(text, reference, integer=integer) == expected
+
+
+def test_integer_match_rejects_non_integers() -> None:
+    assert is_integer_match("18", "18")
+    assert not is_integer_match("18.000001", "18")
+    assert not is_integer_match(None, "18")
+    assert not is_integer_match("17", "18")
+
+
+def test_run_log_resumes_and_survives_a_cut_line(tmp_path: Path) -> None:
+    path = tmp_path / "runs" / "log.jsonl"
+    settings = {"max_tokens": 8, "case": "crystal:64"}
+    log = RunLog(path, settings)
+    log.add({"id": "a", "correct": True})
+    log.add({"id": "b", "correct": False})
+    with open(path, "a") as f:
+        f.write('{"id": "c", "corr')  # a crash mid-write
+    again = RunLog(path, settings)
+    assert sorted(again.records) == ["a", "b"]
+    assert again.done("a") and not again.done("c")
+    again.add({"id": "c", "correct": True})
+    assert sorted(RunLog(path, settings).records) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="max_tokens"):
+        RunLog(path, {**settings, "max_tokens": 16})
+    with pytest.raises(ValueError, match="needs an 'id'"):
+        again.add({"correct": True})
+
+
+def test_summary_and_relative_accuracy() -> None:
+    records = [
+        {"correct": True, "completion_tokens": 10, "finish_reason": "stop"},
+        {"correct": False, "completion_tokens": 30, "finish_reason": "length"},
+        {"correct": True, "completion_tokens": 20, "finish_reason": "stop"},
+        {"correct": False, "completion_tokens": 40, "finish_reason": "length"},
+    ]
+    summary = summarize(records)
+    assert summary == {
+        "problems": 4,
+        "correct": 2,
+        "accuracy": 0.5,
+        "avg_completion_tokens": 25.0,
+        "truncated": 2,
+    }
+    assert math.isnan(summarize([])["accuracy"])
+    assert relative_accuracy(0.2, 0.25) == pytest.approx(0.8)
+    assert math.isnan(relative_accuracy(0.2, 0.0))
+    assert math.isnan(relative_accuracy(0.2, None))
+    assert math.isnan(relative_accuracy(math.nan, 0.5))
+
+
+def test_cases_group_by_policy_and_name_their_logs(tmp_path: Path) -> None:
+    cases = [Case("none"), Case("h2o", 64), Case("crystal", 64), Case("h2o", 128)]
+    assert group_by_policy(cases) == {
+        "none": [Case("none")],
+        "h2o": [Case("h2o", 64), Case("h2o", 128)],
+        "crystal": [Case("crystal", 64)],
+    }
+    paths = {run_log_path(tmp_path, "gsm8k", "m", c, 512) for c in cases}
+    assert len(paths) == len(cases)
+    assert run_log_path(tmp_path, "gsm8k", "m", Case("none"), 512) != run_log_path(
+        tmp_path, "gsm8k", "m", Case("none"), 256
+    )
+
+
+class _FakeClient:
+    """Answers "The final answer is <problem number>" and records what it was sent."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+        self.lock = threading.Lock()
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self._create))
+
+    def _create(self, **kwargs):
+        with self.lock:
+            self.calls.append(kwargs)
+        number = kwargs["messages"][1]["content"].split()[1]
+        message = SimpleNamespace(content=f"The final answer is {number}")
+        return SimpleNamespace(
+            choices=[SimpleNamespace(message=message, finish_reason="stop")],
+            usage=SimpleNamespace(completion_tokens=5, prompt_tokens=7),
+        )
+
+
+def test_run_case_sends_the_budget_and_skips_finished_problems(tmp_path: Path) -> None:
+    problems = [Problem(f"p{i}", f"Problem {i} asks.", str(i if i % 2 else -1)) for i in range(6)]
+    args = argparse.Namespace(
+        max_tokens=16, temperature=0.0, concurrency=3, dataset="gsm8k", offset=0
+    )
+    log = RunLog(tmp_path / "log.jsonl", {"case": "h2o:32"})
+    client = _FakeClient()
+    assert run_case(client, "m", problems[:4], Case("h2o", 32), log, args) == 4
+    assert all(c["extra_body"] == {"vllm_xargs": {"kv_budget": 32}} for c in client.calls)
+    assert all(c["temperature"] == 0.0 and c["max_tokens"] == 16 for c in client.calls)
+    resumed = RunLog(tmp_path / "log.jsonl", {"case": "h2o:32"})
+    assert run_case(client, "m", problems, Case("h2o", 32), resumed, args) == 2
+    assert len(client.calls) == 6
+    rows = [resumed.records[p.id] for p in problems]
+    assert [r["correct"] for r in rows] == [i % 2 == 1 for i in range(6)]
+    assert summarize(rows)["accuracy"] == 0.5
+
+
+def test_run_case_stops_on_a_failed_request(tmp_path: Path) -> None:
+    class Failing(_FakeClient):
+        def _create(self, **kwargs):
+            raise ConnectionError("server went away")
+
+    args = argparse.Namespace(
+        max_tokens=16, temperature=0.0, concurrency=2, dataset="gsm8k", offset=0
+    )
+    log = RunLog(tmp_path / "log.jsonl", {})
+    with pytest.raises(RuntimeError, match="case none: a request failed"):
+        run_case(Failing(), "m", [Problem("p", "Problem 1 x", "1")], Case("none"), log, args)
+    assert log.records == {}
+
+
+@pytest.mark.slow
+def test_smoke_serves_tiny_model_and_resumes(tmp_path: Path, capsys) -> None:
+    """One server (the largest budget) serves both crystal budgets; a rerun starts none."""
+    argv = [
+        "--serve",
+        "tiny",
+        "--limit",
+        "2",
+        "--max-tokens",
+        "4",
+        "--concurrency",
+        "2",
+        "--max-model-len",
+        "512",
+        "--cases",
+        "crystal:16",
+        "crystal:8",
+        "--run-dir",
+        str(tmp_path / "runs"),
+        "--results-dir",
+        str(tmp_path / "results"),
+    ]
+    main(argv)
+    (result,) = (tmp_path / "results").glob("*_accuracy_gsm8k_tiny.json")
+    data = json.loads(result.read_text())
+    assert [c["case"] for c in data["cases"]] == ["crystal:16", "crystal:8"]
+    for case in data["cases"]:
+        assert case["problems"] == 2
+        assert case["avg_completion_tokens"] <= 4
+        assert math.isnan(case["relative_to_none"])
+        lines = Path(case["run_log"]).read_text().splitlines()
+        assert len([line for line in lines if '"id"' in line]) == 2
+    assert data["machine"]["cores_usable"] >= 1
+    assert len(list((tmp_path / "runs").glob("server_*.log"))) == 1
+    assert list((tmp_path / "results").glob("*_accuracy_gsm8k_tiny.png"))
+    capsys.readouterr()
+    (tmp_path / "runs" / "server_tiny_crystal.log").unlink()
+    main(argv)  # everything is in the run logs: no server starts
+    assert "starting vllm serve" not in capsys.readouterr().out
+    assert not (tmp_path / "runs" / "server_tiny_crystal.log").exists()
