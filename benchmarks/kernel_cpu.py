@@ -6,6 +6,10 @@ For each shape (batch ``b``, KV heads ``H``, query heads per KV head ``G``, head
 * ``torch``: ``crystal_vllm.ops.torch_ref.paged_decode_attention`` (the oracle);
 * ``cpu``: ``crystal_vllm.ops.cpu.paged_decode_attention`` (``csrc/``), in the ISA
   ``--isa`` (default: the best this CPU has);
+* ``fused``: ``crystal_vllm.ops.cpu.lrfu_decode_layer``, the whole Crystal-KV decode step
+  of one layer (write the new token, attention, top-p hits, CRF update, one eviction per
+  head) under ``crystal-lite`` with the budget at ``S``, plus picking each head's free
+  slot (the victim of the previous call) as the runtime does per step;
 * ``vllm``: vLLM's own CPU decode kernel ``torch.ops._C.cpu_attention_with_kv_cache``
   (the ISA its CPU backend would pick: AMX for bf16 on CPUs that have it, else AVX-512
   ``vec``/``vec16``; shown in the header) on the same shape in vLLM's layout, including its
@@ -17,7 +21,7 @@ holes, which cost the kernel a skipped slot each), so the table also reports the
 difference between our output and vLLM's as a check that the vLLM inputs are right.
 Each time is the median of ``--repeats`` calls after one warm-up (fewer for calls slower
 than ~0.2 s) on ``--threads`` threads (default 1, like vLLM's CPU worker here). The
-``step`` column multiplies the ``cpu`` time by the model's layer count. Results are noisy
+``step`` column multiplies the ``fused`` time by the model's layer count. Results are noisy
 on a shared machine: compare columns of one run.
 
 Example: ``python benchmarks/kernel_cpu.py`` or ``python benchmarks/kernel_cpu.py --quick``
@@ -90,6 +94,40 @@ class _Case:
         torch_ref.write_kv(self.pool, self.tables, slots, key, value)
 
         self.vllm = _VllmCase(shape, bs, dtype, key, value, gen)
+        self._init_fused(shape, bs, dtype, key, value, gen)
+
+    def _init_fused(self, shape: Shape, bs: int, dtype, key, value, gen) -> None:
+        """A crystal-lite state with S entries per head and one spare head-block, so each
+        call inserts a token, attends over S + 1 entries and evicts one per head."""
+        from crystal_vllm.policy import make_policy
+
+        b, h, d, s = shape.batch, shape.kv_heads, shape.head_dim, shape.slots
+        mb = -(-s // bs) + 1
+        self.policy = make_policy("crystal-lite")
+        self.state = self.policy.init_state(b, 1, h, mb * bs)
+        self.state.valid[..., :s] = True
+        self.state.position[..., :s] = torch.arange(s)
+        self.state.crf[..., :s] = torch.rand(b, 1, h, s, generator=gen)
+        self.fused_pool = torch.empty(b * h * mb, 2, bs, d, dtype=dtype)
+        ids = torch.randperm(b * h * mb, generator=gen).view(b, 1, h, mb).to(torch.int32)
+        self.fused_tables = ids
+        slots = torch.arange(s).expand(b, h, s)
+        torch_ref.write_kv(self.fused_pool, ids[:, 0], slots, key, value)
+        self.rows = torch.arange(b)
+        self.budgets = torch.full((b, h), s, dtype=torch.long)
+        self.new_key = torch.randn(b, h, d, generator=gen).to(dtype)
+        self.new_value = torch.randn(b, h, d, generator=gen).to(dtype)
+
+    def fused_call(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from crystal_vllm.ops import cpu
+
+        self.policy.begin_step(self.state, self.rows)
+        slots = (~self.state.valid[:, 0]).view(torch.uint8).argmax(-1)
+        return cpu.lrfu_decode_layer(
+            self.policy, self.state, self.rows, 0, slots, self.state.step.clone(),
+            self.budgets, self.query, self.new_key, self.new_value, self.fused_pool,
+            self.fused_tables, self.scale,
+        )  # fmt: skip
 
     def torch_call(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch_ref.paged_decode_attention(
@@ -201,14 +239,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     print()
     print(
-        "| shape | b | H x G | D | S | torch ms | cpu ms | vllm ms | torch/cpu | cpu/vllm "
-        "| cpu step ms (layers) | vllm ISA | max abs diff vs vllm |"
+        "| shape | b | H x G | D | S | torch ms | cpu ms | fused ms | vllm ms | torch/cpu "
+        "| cpu/vllm | fused/vllm | fused step ms (layers) | vllm ISA | max abs diff vs vllm |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     for shape in _shapes(args.quick):
         case = _Case(shape, args.block_size, dtype, gen)
         t_cpu = _median_ms(case.cpu_call, args.repeats)
+        t_fused = _median_ms(case.fused_call, args.repeats)
         t_ref = float("nan") if args.no_torch else _median_ms(case.torch_call, args.repeats)
         if case.vllm.error is None:
             t_vllm = _median_ms(lambda c=case: c.vllm.call(c.query, c.scale), args.repeats)
@@ -219,9 +258,9 @@ def main(argv: list[str] | None = None) -> None:
         vllm_isa = getattr(case.vllm, "isa", "-")
         print(
             f"| {shape.label} | {shape.batch} | {shape.kv_heads} x {shape.group} "
-            f"| {shape.head_dim} | {shape.slots} | {t_ref:.3f} | {t_cpu:.3f} | {t_vllm:.3f} "
-            f"| {t_ref / t_cpu:.1f} | {t_cpu / t_vllm:.2f} "
-            f"| {t_cpu * shape.layers:.2f} ({shape.layers}) | {vllm_isa} | {diff} |",
+            f"| {shape.head_dim} | {shape.slots} | {t_ref:.3f} | {t_cpu:.3f} | {t_fused:.3f} "
+            f"| {t_vllm:.3f} | {t_ref / t_cpu:.1f} | {t_cpu / t_vllm:.2f} | {t_fused / t_vllm:.2f} "
+            f"| {t_fused * shape.layers:.2f} ({shape.layers}) | {vllm_isa} | {diff} |",
             flush=True,
         )
 

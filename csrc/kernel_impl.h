@@ -111,10 +111,10 @@ inline const Elem* next_block(const DecodeArgs& a, const int32_t* table, int64_t
 }
 
 // Pass 1 for one slot and any D: scale * q_g . k for the G query rows q[g * D, (g + 1) * D),
-// stored at scores[g * S].
+// stored at scores[g * stride].
 template <class Isa, class Load>
 inline void score_slot(const float* q, const typename Load::Elem* k, int64_t G, int64_t D,
-                       float scale, float* scores, int64_t S) {
+                       float scale, float* scores, int64_t stride) {
   using Vec = typename Isa::Vec;
   constexpr int64_t W = Isa::kWidth;
   for (int64_t g = 0; g < G; ++g) {
@@ -123,7 +123,7 @@ inline void score_slot(const float* q, const typename Load::Elem* k, int64_t G, 
     for (int64_t d = 0; d < D; d += W) {
       acc = Isa::fmadd(Isa::load(qg + d), Load::load(k + d), acc);
     }
-    scores[g * S] = Isa::reduce_add(acc) * scale;
+    scores[g * stride] = Isa::reduce_add(acc) * scale;
   }
 }
 
@@ -134,13 +134,13 @@ inline void score_slot(const float* q, const typename Load::Elem* k, int64_t G, 
 template <class Isa, class Load, int kNV>
 inline bool score_rows(const float* q, const typename Load::Elem* rows, int64_t row_stride,
                        int64_t count, const uint8_t* valid, int64_t G, float scale,
-                       float* scores, int64_t S) {
+                       float* scores, int64_t stride) {
   using Vec = typename Isa::Vec;
   constexpr int64_t W = Isa::kWidth, D = kNV * W;
   uint32_t bits = 0;
   for (int64_t j = 0; j < count; ++j) bits |= static_cast<uint32_t>(valid[j] != 0) << j;
   if (bits == 0) {
-    for (int64_t g = 0; g < G; ++g) fill<Isa>(scores + g * S, count, kNegInf);
+    for (int64_t g = 0; g < G; ++g) fill<Isa>(scores + g * stride, count, kNegInf);
     return false;
   }
   // K as float32, converted once for all G query rows; zeros for skipped rows.
@@ -162,9 +162,9 @@ inline bool score_rows(const float* q, const typename Load::Elem* rows, int64_t 
     }
     const Vec sc = Isa::select(bits, Isa::mul(Isa::reduce_rows(acc), vscale), kNegInf);
     if (count == W) {
-      Isa::store(scores + g * S, sc);
+      Isa::store(scores + g * stride, sc);
     } else {
-      Isa::store_partial(scores + g * S, sc, count);
+      Isa::store_partial(scores + g * stride, sc, count);
     }
   }
   return true;
@@ -178,7 +178,8 @@ inline void accumulate_rows(const DecodeArgs& a, const int32_t* table, const uin
   using Vec = typename Isa::Vec;
   using Elem = typename Load::Elem;
   constexpr int64_t W = Isa::kWidth, D = kNV * W;
-  const int64_t S = a.num_slots, bs = a.block_size, num_blocks = (S + bs - 1) / bs;
+  const int64_t S = a.num_slots, P = a.slot_stride, bs = a.block_size;
+  const int64_t num_blocks = (S + bs - 1) / bs;
   const Elem* pool = static_cast<const Elem*>(a.kv_pool);
   Vec acc[kRows][kNV];
   for (int r = 0; r < kRows; ++r)
@@ -196,7 +197,7 @@ inline void accumulate_rows(const DecodeArgs& a, const int32_t* table, const uin
       Vec vv[kNV];
       for (int c = 0; c < kNV; ++c) vv[c] = Load::load(v + c * W);
       for (int r = 0; r < kRows; ++r) {
-        const Vec p = Isa::set1(probs[r * S + s]);
+        const Vec p = Isa::set1(probs[r * P + s]);
         for (int c = 0; c < kNV; ++c) acc[r][c] = Isa::fmadd(p, vv[c], acc[r][c]);
       }
     }
@@ -212,8 +213,8 @@ inline void accumulate_any(const DecodeArgs& a, const int32_t* table, const uint
   using Vec = typename Isa::Vec;
   using Elem = typename Load::Elem;
   constexpr int64_t W = Isa::kWidth;
-  const int64_t G = a.group, D = a.head_dim, S = a.num_slots, bs = a.block_size;
-  const int64_t num_blocks = (S + bs - 1) / bs;
+  const int64_t G = a.group, D = a.head_dim, S = a.num_slots, P = a.slot_stride;
+  const int64_t bs = a.block_size, num_blocks = (S + bs - 1) / bs;
   const Elem* pool = static_cast<const Elem*>(a.kv_pool);
   fill<Isa>(out, G * D, 0.0f);
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
@@ -230,7 +231,7 @@ inline void accumulate_any(const DecodeArgs& a, const int32_t* table, const uint
         const Vec vv = Load::load(v + d);
         for (int64_t g = 0; g < G; ++g) {
           float* og = out + g * D + d;
-          Isa::store(og, Isa::fmadd(Isa::set1(probs[g * S + s]), vv, Isa::load(og)));
+          Isa::store(og, Isa::fmadd(Isa::set1(probs[g * P + s]), vv, Isa::load(og)));
         }
       }
     }
@@ -247,22 +248,22 @@ inline void accumulate_values(const DecodeArgs& a, const int32_t* table, const u
   } else {
     constexpr int kTile = Isa::kRegisters / 2 / kNV > 0 ? Isa::kRegisters / 2 / kNV : 1;
     constexpr int64_t D = kNV * Isa::kWidth;
-    const int64_t G = a.group, S = a.num_slots;
+    const int64_t G = a.group, P = a.slot_stride;
     int64_t g = 0;
     for (; g + kTile <= G; g += kTile) {
-      accumulate_rows<Isa, Load, kNV, kTile>(a, table, valid, probs + g * S, out + g * D);
+      accumulate_rows<Isa, Load, kNV, kTile>(a, table, valid, probs + g * P, out + g * D);
     }
     switch (G - g) {  // the remainder, 0 < rows < kTile <= 4
       case 1:
-        accumulate_rows<Isa, Load, kNV, 1>(a, table, valid, probs + g * S, out + g * D);
+        accumulate_rows<Isa, Load, kNV, 1>(a, table, valid, probs + g * P, out + g * D);
         break;
       case 2:
         if constexpr (kTile > 2)
-          accumulate_rows<Isa, Load, kNV, 2>(a, table, valid, probs + g * S, out + g * D);
+          accumulate_rows<Isa, Load, kNV, 2>(a, table, valid, probs + g * P, out + g * D);
         break;
       case 3:
         if constexpr (kTile > 3)
-          accumulate_rows<Isa, Load, kNV, 3>(a, table, valid, probs + g * S, out + g * D);
+          accumulate_rows<Isa, Load, kNV, 3>(a, table, valid, probs + g * P, out + g * D);
         break;
       default:
         break;
@@ -284,18 +285,19 @@ DecodeStatus decode_range(const DecodeArgs& a, int64_t begin, int64_t end) {
   using Elem = typename Load::Elem;
 
   const int64_t H = a.num_kv_heads, G = a.group, D = a.head_dim, S = a.num_slots;
-  const int64_t bs = a.block_size, Hq = H * G;
+  const int64_t P = a.slot_stride, bs = a.block_size, Hq = H * G;
   const int64_t num_blocks = (S + bs - 1) / bs;
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(Elem));
   const Elem* pool = static_cast<const Elem*>(a.kv_pool);
 
   for (int64_t item = begin; item < end; ++item) {
     const int64_t req = item / H, head = item % H;
-    const int32_t* table = a.tables + item * a.max_blocks;
-    const uint8_t* valid = a.valid + item * S;
+    const int64_t row = a.rows != nullptr ? a.rows[req] : req;
+    const int32_t* table = a.tables + row * a.table_stride_row + head * a.max_blocks;
+    const uint8_t* valid = a.valid + row * a.valid_stride_row + head * P;
     const float* q = a.query + (req * Hq + head * G) * D;  // G rows of D
     float* out = a.out + (req * Hq + head * G) * D;  // G rows of D
-    float* probs = a.probs + (req * Hq + head * G) * S;  // G rows of S
+    float* probs = a.probs + (req * Hq + head * G) * P;  // G rows of P, S of them used
 
     // Pass 1: scores.
     bool any_valid = false;
@@ -307,7 +309,7 @@ DecodeStatus decode_range(const DecodeArgs& a, int64_t begin, int64_t end) {
         for (int64_t o = 0; o < n; ++o) {
           if (valid[first + o]) return DecodeStatus::kValidSlotInUnassignedBlock;
         }
-        for (int64_t g = 0; g < G; ++g) fill<Isa>(probs + g * S + first, n, kNegInf);
+        for (int64_t g = 0; g < G; ++g) fill<Isa>(probs + g * P + first, n, kNegInf);
         continue;
       }
       if (id >= a.num_head_blocks) return DecodeStatus::kHeadBlockOutOfRange;
@@ -324,7 +326,7 @@ DecodeStatus decode_range(const DecodeArgs& a, int64_t begin, int64_t end) {
           }
           any_valid |= score_rows<Isa, Load, kNV>(q, keys + o * a.pool_stride_row,
                                                   a.pool_stride_row, count, valid + first + o, G,
-                                                  a.scale, probs + first + o, S);
+                                                  a.scale, probs + first + o, P);
         }
         continue;
       }
@@ -335,22 +337,22 @@ DecodeStatus decode_range(const DecodeArgs& a, int64_t begin, int64_t end) {
         if (next_keys != nullptr) prefetch_row(next_keys + offset, row_bytes, true);
         if (valid[s]) prefetch_row(keys + a.pool_stride_kv + offset, row_bytes, false);
         if (!valid[s]) {
-          for (int64_t g = 0; g < G; ++g) probs[g * S + s] = kNegInf;
+          for (int64_t g = 0; g < G; ++g) probs[g * P + s] = kNegInf;
           continue;
         }
         any_valid = true;
-        score_slot<Isa, Load>(q, keys + o * a.pool_stride_row, G, D, a.scale, probs + s, S);
+        score_slot<Isa, Load>(q, keys + o * a.pool_stride_row, G, D, a.scale, probs + s, P);
       }
     }
 
     if (!any_valid) {  // A head with nothing cached attends to nothing.
       fill<Isa>(out, G * D, 0.0f);
-      fill<Isa>(probs, G * S, 0.0f);
+      for (int64_t g = 0; g < G; ++g) fill<Isa>(probs + g * P, S, 0.0f);
       continue;
     }
 
     // Pass 2: softmax.
-    for (int64_t g = 0; g < G; ++g) softmax_row<Isa>(probs + g * S, S);
+    for (int64_t g = 0; g < G; ++g) softmax_row<Isa>(probs + g * P, S);
 
     // Pass 3: weighted sum of V.
     accumulate_values<Isa, Load, kNV>(a, table, valid, probs, out);

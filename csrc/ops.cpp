@@ -4,10 +4,13 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "kernels.h"
 
@@ -130,8 +133,11 @@ std::tuple<at::Tensor, at::Tensor> paged_decode_attention(const at::Tensor& quer
   args.pool_stride_block = kv_pool.stride(0);
   args.pool_stride_kv = kv_pool.stride(1);
   args.pool_stride_row = kv_pool.stride(2);
+  args.rows = nullptr;
   args.tables = tables.data_ptr<int32_t>();
+  args.table_stride_row = h * mb;
   args.valid = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  args.valid_stride_row = h * s;
   args.out = out.data_ptr<float>();
   args.probs = probs.data_ptr<float>();
   args.num_head_blocks = kv_pool.size(0);
@@ -141,6 +147,7 @@ std::tuple<at::Tensor, at::Tensor> paged_decode_attention(const at::Tensor& quer
   args.block_size = bs;
   args.max_blocks = mb;
   args.num_slots = s;
+  args.slot_stride = s;
   args.scale = static_cast<float>(scale);
   args.kv_dtype = kv_dtype_of(kv_pool);
 
@@ -217,6 +224,179 @@ void write_kv(const at::Tensor& kv_pool, const at::Tensor& block_tables, const a
   }
 }
 
+// One decode step of one layer under an LRFU policy (torch_ref.lrfu_decode_layer): per
+// (request, KV head), record the new token in the state, write its K/V, attend over the
+// head's entries, then feed the probabilities to the LRFU update and evict, all inside one
+// parallel region so the probabilities never leave the core's cache. The state tensors are
+// the policy's persistent [R, L, H, S] fields (updated in place); `rows` picks the batch's
+// rows and `layer` the layer, so nothing is gathered or scattered around the call.
+std::tuple<at::Tensor, at::Tensor> lrfu_decode(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& kv_pool, const at::Tensor& block_tables, const at::Tensor& rows,
+    int64_t layer, const at::Tensor& slots, const at::Tensor& positions,
+    const at::Tensor& budgets, const at::Tensor& valid, const at::Tensor& position,
+    const at::Tensor& born, const at::Tensor& crf, const at::Tensor& tau,
+    const at::Tensor& prompt, const at::Tensor& step, double scale, double lam, double top_p,
+    bool gqa_max) {
+  constexpr const char* op = "lrfu_decode";
+  check_pool(kv_pool, op);
+  TORCH_CHECK_VALUE(query.dim() == 3 && key.dim() == 3 && value.sizes() == key.sizes(), op,
+                    ": query must be [b, Hq, D] and key, value [b, H, D], got ", query.sizes(),
+                    ", ", key.sizes(), ", ", value.sizes());
+  TORCH_CHECK_VALUE(valid.dim() == 4 && block_tables.dim() == 4, op,
+                    ": the state and block_tables must be [R, L, H, S] and [R, L, H, MB]");
+  const int64_t b = query.size(0), hq = query.size(1), d = query.size(2);
+  const int64_t R = valid.size(0), L = valid.size(1), h = valid.size(2), S = valid.size(3);
+  const int64_t mb = block_tables.size(3), bs = kv_pool.size(2);
+  TORCH_CHECK_VALUE(key.size(0) == b && key.size(1) == h && key.size(2) == d &&
+                        kv_pool.size(3) == d,
+                    op, ": shapes disagree: query ", query.sizes(), ", key ", key.sizes(),
+                    ", kv_pool ", kv_pool.sizes(), ", state ", valid.sizes());
+  TORCH_CHECK_VALUE(hq % h == 0, op, ": ", hq, " query heads is not a multiple of ", h);
+  TORCH_CHECK_VALUE(block_tables.size(0) == R && block_tables.size(1) == L &&
+                        block_tables.size(2) == h && S <= mb * bs,
+                    op, ": block_tables ", block_tables.sizes(), " do not cover the state ",
+                    valid.sizes(), " with head-blocks of ", bs);
+  TORCH_CHECK_VALUE(0 <= layer && layer < L, op, ": layer ", layer, " is out of range [0, ", L,
+                    ")");
+  TORCH_CHECK_VALUE(block_tables.scalar_type() == at::kInt && block_tables.is_contiguous(), op,
+                    ": block_tables must be contiguous int32");
+  const std::pair<const at::Tensor*, at::ScalarType> fields[] = {
+      {&valid, at::kBool}, {&position, at::kLong}, {&born, at::kLong},
+      {&crf, at::kFloat},  {&tau, at::kLong},      {&prompt, at::kBool}};
+  for (const auto& [field, dtype] : fields) {
+    TORCH_CHECK_VALUE(field->sizes() == valid.sizes() && field->scalar_type() == dtype &&
+                          field->is_contiguous() && field->device().is_cpu(),
+                      op, ": every state field must be a contiguous CPU tensor of shape ",
+                      valid.sizes(), "; got ", field->scalar_type(), " ", field->sizes());
+  }
+  const std::pair<const at::Tensor*, std::vector<int64_t>> indices[] = {
+      {&rows, {b}}, {&slots, {b, h}}, {&positions, {b}}, {&budgets, {b, h}}, {&step, {R}}};
+  for (const auto& [index, shape] : indices) {
+    TORCH_CHECK_VALUE(index->scalar_type() == at::kLong && index->is_contiguous() &&
+                          index->sizes() == at::IntArrayRef(shape),
+                      op, ": rows [b], slots [b, H], positions [b], budgets [b, H] and step [R] "
+                      "must be contiguous int64 tensors; got ", index->sizes());
+  }
+
+  // Validate every index before the first write, so a bad call changes nothing.
+  const int64_t* row_ptr = rows.data_ptr<int64_t>();
+  const int64_t* slot_ptr = slots.data_ptr<int64_t>();
+  const int32_t* table_base = block_tables.data_ptr<int32_t>() + layer * h * mb;
+  const int64_t table_stride_row = L * h * mb;
+  std::vector<uint8_t> seen(R, 0);
+  for (int64_t i = 0; i < b; ++i) {
+    const int64_t r = row_ptr[i];
+    TORCH_CHECK_INDEX(0 <= r && r < R, op, ": row ", r, " is out of range [0, ", R, ")");
+    TORCH_CHECK_VALUE(!seen[r], op, ": row ", r, " appears twice in rows");
+    seen[r] = 1;
+    for (int64_t head = 0; head < h; ++head) {
+      const int64_t sl = slot_ptr[i * h + head];
+      if (sl < 0) continue;
+      TORCH_CHECK_VALUE(sl < S, op, ": slot ", sl, " is out of range [0, ", S, ")");
+      const int64_t id = table_base[r * table_stride_row + head * mb + sl / bs];
+      TORCH_CHECK_VALUE(id >= 0, op, ": a slot falls into an unassigned (-1) block-table entry");
+      TORCH_CHECK_INDEX(id < kv_pool.size(0), op, ": head-block ", id, " >= ", kv_pool.size(0));
+    }
+  }
+
+  const at::Tensor q = query.to(at::kFloat).contiguous();
+  const at::Tensor k = key.to(kv_pool.scalar_type()).contiguous();
+  const at::Tensor v = value.to(kv_pool.scalar_type()).contiguous();
+  at::Tensor out = at::empty({b, hq, d}, query.options().dtype(at::kFloat));
+  at::Tensor probs = at::empty({b, hq, S}, query.options().dtype(at::kFloat));
+  at::Tensor evicted = at::zeros({b, h}, query.options().dtype(at::kInt));
+
+  const int64_t state_offset = layer * h * S, state_stride_row = L * h * S;
+  DecodeArgs args{};
+  args.query = q.data_ptr<float>();
+  args.kv_pool = kv_pool.data_ptr();
+  args.pool_stride_block = kv_pool.stride(0);
+  args.pool_stride_kv = kv_pool.stride(1);
+  args.pool_stride_row = kv_pool.stride(2);
+  args.rows = row_ptr;
+  args.tables = table_base;
+  args.table_stride_row = table_stride_row;
+  args.valid = reinterpret_cast<const uint8_t*>(valid.data_ptr<bool>()) + state_offset;
+  args.valid_stride_row = state_stride_row;
+  args.out = out.data_ptr<float>();
+  args.probs = probs.data_ptr<float>();
+  args.num_head_blocks = kv_pool.size(0);
+  args.num_kv_heads = h;
+  args.group = hq / h;
+  args.head_dim = d;
+  args.block_size = bs;
+  args.max_blocks = mb;
+  args.num_slots = S;
+  args.slot_stride = S;
+  args.scale = static_cast<float>(scale);
+  args.kv_dtype = kv_dtype_of(kv_pool);
+
+  LrfuArgs lrfu{};
+  lrfu.valid = reinterpret_cast<uint8_t*>(valid.data_ptr<bool>()) + state_offset;
+  lrfu.position = position.data_ptr<int64_t>() + state_offset;
+  lrfu.born = born.data_ptr<int64_t>() + state_offset;
+  lrfu.crf = crf.data_ptr<float>() + state_offset;
+  lrfu.tau = tau.data_ptr<int64_t>() + state_offset;
+  lrfu.prompt = reinterpret_cast<uint8_t*>(prompt.data_ptr<bool>()) + state_offset;
+  lrfu.stride_row = state_stride_row;
+  lrfu.step = step.data_ptr<int64_t>();
+  lrfu.rows = row_ptr;
+  lrfu.slots = slot_ptr;
+  lrfu.positions = positions.data_ptr<int64_t>();
+  lrfu.budgets = budgets.data_ptr<int64_t>();
+  lrfu.evicted = evicted.data_ptr<int32_t>();
+  lrfu.num_kv_heads = h;
+  lrfu.group = hq / h;
+  lrfu.num_slots = S;
+  lrfu.lam = static_cast<float>(lam);
+  lrfu.top_p = static_cast<float>(top_p);
+  lrfu.gqa_max = gqa_max;
+
+  const DecodeKernel kernel = pick_kernel(d);
+  const int64_t elem = kv_pool.element_size(), row_bytes = d * elem;
+  char* pool = static_cast<char*>(kv_pool.data_ptr());
+  const char* k_ptr = static_cast<const char*>(k.data_ptr());
+  const char* v_ptr = static_cast<const char*>(v.data_ptr());
+  const int64_t group = hq / h, scratch_words = (lrfu_scratch_bytes(S) + 7) / 8;
+  std::atomic<int> status{0};
+  at::parallel_for(0, b * h, /*grain_size=*/1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> scratch(scratch_words);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t req = item / h, head = item % h, sl = slot_ptr[item];
+      lrfu_insert(lrfu, item);
+      if (sl >= 0) {
+        const int64_t id = table_base[row_ptr[req] * table_stride_row + head * mb + sl / bs];
+        char* dst = pool + (id * kv_pool.stride(0) + (sl % bs) * kv_pool.stride(2)) * elem;
+        std::memcpy(dst, k_ptr + item * row_bytes, row_bytes);
+        std::memcpy(dst + kv_pool.stride(1) * elem, v_ptr + item * row_bytes, row_bytes);
+      }
+      // Heads fill their table from entry 0 (cache/tables.py), so every valid entry lies
+      // below the end of the last assigned head-block: attend to and score only that
+      // prefix, which is what keeps a step's cost proportional to the entries held.
+      const int32_t* table = table_base + row_ptr[req] * table_stride_row + head * mb;
+      int64_t blocks = mb;
+      while (blocks > 0 && table[blocks - 1] < 0) --blocks;
+      DecodeArgs item_args = args;
+      item_args.num_slots = std::min(S, blocks * bs);
+      const DecodeStatus st = kernel(item_args, item, item + 1);
+      if (st != DecodeStatus::kOk) {
+        int expected = 0;
+        status.compare_exchange_strong(expected, static_cast<int>(st));
+        continue;
+      }
+      lrfu_observe_evict(lrfu, item, item_args.num_slots,
+                         args.probs + (req * hq + head * group) * S, scratch.data());
+    }
+  });
+  const auto found = static_cast<DecodeStatus>(status.load());
+  TORCH_CHECK_VALUE(found != DecodeStatus::kValidSlotInUnassignedBlock, op,
+                    ": a valid slot lies in an unassigned head-block");
+  TORCH_CHECK_INDEX(found != DecodeStatus::kHeadBlockOutOfRange, op,
+                    ": a block table names a head-block >= ", kv_pool.size(0));
+  return {out.to(query.scalar_type()), evicted};
+}
+
 std::string cpu_isa() { return isa_name(static_cast<Isa>(g_isa.load())); }
 
 // Selects the kernel ISA ("auto" = the best this CPU has); returns the previous one.
@@ -248,11 +428,18 @@ TORCH_LIBRARY(crystal_vllm, m) {
   m.def(
       "write_kv(Tensor(a!) kv_pool, Tensor block_tables, Tensor slots, Tensor key, "
       "Tensor value) -> ()");
+  m.def(
+      "lrfu_decode(Tensor query, Tensor key, Tensor value, Tensor(a!) kv_pool, "
+      "Tensor block_tables, Tensor rows, int layer, Tensor slots, Tensor positions, "
+      "Tensor budgets, Tensor(b!) valid, Tensor(c!) position, Tensor(d!) born, "
+      "Tensor(e!) crf, Tensor(f!) tau, Tensor(g!) prompt, Tensor step, float scale, "
+      "float lam, float top_p, bool gqa_max) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(crystal_vllm, CPU, m) {
   m.impl("paged_decode_attention", &crystal_vllm::paged_decode_attention);
   m.impl("write_kv", &crystal_vllm::write_kv);
+  m.impl("lrfu_decode", &crystal_vllm::lrfu_decode);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from crystal_vllm.ops import torch_ref
+from crystal_vllm.policy.lrfu import LRFUPolicy, LRFUState
 
 try:
     from crystal_vllm import _C
@@ -41,7 +42,6 @@ _KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 
 gather_kv = torch_ref.gather_kv
 move_entries = torch_ref.move_entries
-lrfu_decode_layer = torch_ref.lrfu_decode_layer
 
 
 def cpu_isa() -> str:
@@ -98,4 +98,82 @@ def paged_decode_attention(
         return torch_ref.paged_decode_attention(query, kv_pool, block_tables, valid, scale)
     return torch.ops.crystal_vllm.paged_decode_attention(
         query, kv_pool, block_tables, valid, float(scale)
+    )
+
+
+def _fused_lrfu_applies(policy: LRFUPolicy, state: LRFUState, kv_pool: torch.Tensor) -> bool:
+    """The kernel implements the served configuration (no prompt protection, hits before
+    the cache is full) on CPU tensors laid out as the policy library allocates them."""
+    config = policy.config
+    return (
+        _kernel_applies(kv_pool)
+        and not config.protect_prompt
+        and config.hits_before_full
+        and config.gqa_reduce in ("mean", "max")
+        and all(getattr(state, name).is_contiguous() for name in state.entry_fields())
+    )
+
+
+def lrfu_decode_layer(
+    policy: LRFUPolicy,
+    state: LRFUState,
+    rows: torch.Tensor,
+    layer: int,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    budgets: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole LRFU decode step of one layer in one C++ call; see
+    :func:`torch_ref.lrfu_decode_layer`.
+
+    Decisions equal the reference's except where two candidates are within rounding of
+    each other: the attention probabilities differ by ~1 ulp (see
+    :func:`paged_decode_attention`), the top-p prefix mass is summed in float64, and
+    ``lam ** age`` comes from the C library's ``powf``.
+    """
+    if not _fused_lrfu_applies(policy, state, kv_pool):
+        return torch_ref.lrfu_decode_layer(
+            policy,
+            state,
+            rows,
+            layer,
+            slots,
+            positions,
+            budgets,
+            query,
+            key,
+            value,
+            kv_pool,
+            block_tables,
+            scale,
+        )
+    config = policy.config
+    return torch.ops.crystal_vllm.lrfu_decode(
+        query,
+        key,
+        value,
+        kv_pool,
+        block_tables,
+        rows.long().contiguous(),
+        layer,
+        slots.long().contiguous(),
+        positions.long().contiguous(),
+        budgets.long().contiguous(),
+        state.valid,
+        state.position,
+        state.born,
+        state.crf,
+        state.tau,
+        state.prompt,
+        state.step,
+        float(scale),
+        float(config.lam),
+        float(config.top_p),
+        config.gqa_reduce == "max",
     )

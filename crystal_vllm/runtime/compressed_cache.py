@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from crystal_vllm import ops
 from crystal_vllm.cache import HeadBlockLayout, HeadBlockTables
-from crystal_vllm.policy import KVPolicy
+from crystal_vllm.policy import KVPolicy, LRFUPolicy
 from crystal_vllm.policy.allocator import allocate_budgets
 
 logger = logging.getLogger(__name__)
@@ -61,8 +61,10 @@ class CacheStats:
 @dataclass
 class _StepPlan:
     decode_rows: torch.Tensor  # long [b]
-    decode_tokens: torch.Tensor  # long [b]: index of each decode row's token in the batch
-    decode_slots: torch.Tensor  # long [b, L, H]
+    decode_tokens: torch.Tensor | slice  # index of each decode row's token in the batch
+    decode_slots: torch.Tensor  # long [L, b, H]: the slot each head's new token takes
+    decode_positions: torch.Tensor  # long [b]
+    decode_budgets: torch.Tensor  # long [L, b, H]
     prefills: list[tuple[int, int, int]] = field(default_factory=list)
     # (row, first token index, num tokens)
 
@@ -83,6 +85,9 @@ class CompressedKVCache:
         debug_checks: bool = False,
     ) -> None:
         self.policy = policy
+        # LRFU policies run a whole decode layer in one fused op (insert, attention, hits,
+        # evictions); the others go through the generic observe/select/remove path.
+        self._fused_lrfu = isinstance(policy, LRFUPolicy)
         self.layout = layout
         self.kv_pool = kv_pool
         self.scale = scale
@@ -173,17 +178,25 @@ class CompressedKVCache:
 
         rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
         slots = torch.zeros(len(decode_rows), L, H, dtype=torch.long, device=device)
+        positions = torch.tensor(decode_positions, dtype=torch.long, device=device)
         if decode_rows:
             self.policy.begin_step(self.state, rows)
             need = torch.ones(len(decode_rows), L, H, dtype=torch.bool, device=device)
             slots = self.tables.assign_slots(rows, self.state.valid, need)
-            new = F.one_hot(slots, self.max_slots).bool()
-            positions = torch.tensor(decode_positions, device=device)
-            self.policy.insert(self.state, rows, new, positions[:, None, None, None].expand_as(new))
+            if not self._fused_lrfu:  # the fused op inserts each layer's entry itself
+                new = F.one_hot(slots, self.max_slots).bool()
+                expanded = positions[:, None, None, None].expand_as(new)
+                self.policy.insert(self.state, rows, new, expanded)
+        # The common step (decodes only, batch order = token order) needs no gather/scatter.
+        tokens: torch.Tensor | slice = torch.tensor(decode_tokens, dtype=torch.long, device=device)
+        if not prefills:
+            tokens = slice(0, len(decode_tokens))
         self._plan = _StepPlan(
             decode_rows=rows,
-            decode_tokens=torch.tensor(decode_tokens, dtype=torch.long, device=device),
-            decode_slots=slots,
+            decode_tokens=tokens,
+            decode_slots=slots.transpose(0, 1).contiguous(),
+            decode_positions=positions,
+            decode_budgets=self.budgets[rows].transpose(0, 1).contiguous(),
             prefills=[p[:3] for p in prefills],
         )
 
@@ -205,6 +218,8 @@ class CompressedKVCache:
         plan = self._plan
         if plan is None:
             raise RuntimeError("attention() called outside begin_step()/end_step()")
+        if not plan.prefills and plan.decode_rows.numel():
+            return self._decode_layer(layer, plan, query, key, value)
         out = torch.empty_like(query)
         if plan.decode_rows.numel():
             out[plan.decode_tokens] = self._decode_layer(layer, plan, query, key, value)
@@ -231,8 +246,26 @@ class CompressedKVCache:
 
     def _decode_layer(self, layer, plan, query, key, value) -> torch.Tensor:
         rows, tokens = plan.decode_rows, plan.decode_tokens
+        if self._fused_lrfu:
+            out, evicted = ops.lrfu_decode_layer(
+                self.policy,
+                self.state,
+                rows,
+                layer,
+                plan.decode_slots[layer],
+                plan.decode_positions,
+                plan.decode_budgets[layer],
+                query[tokens],
+                key[tokens],
+                value[tokens],
+                self.kv_pool,
+                self.tables.block_tables,
+                self.scale,
+            )
+            self.stats.evictions += int(evicted.sum())
+            return out
         tables = self.tables.block_tables[rows, layer]
-        slots = plan.decode_slots[:, layer, :, None]
+        slots = plan.decode_slots[layer, :, :, None]
         ops.write_kv(self.kv_pool, tables, slots, key[tokens, None], value[tokens, None])
         valid = self.state.valid[rows, layer]
         out, probs = ops.paged_decode_attention(
@@ -244,7 +277,7 @@ class CompressedKVCache:
         if self.policy.needs_keys:
             keys = ops.gather_kv(self.kv_pool, tables, self.max_slots)[0][:, None].float()
         evict = self.policy.select_evictions(
-            layer_state, rows, self.budgets[rows, layer : layer + 1], keys=keys
+            layer_state, rows, plan.decode_budgets[layer, :, None], keys=keys
         )
         self.policy.remove(layer_state, rows, evict)
         self.stats.evictions += int(evict.sum())

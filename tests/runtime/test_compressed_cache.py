@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from crystal_vllm import ops
 from crystal_vllm.cache import HeadBlockLayout
 from crystal_vllm.policy import POLICY_NAMES, make_policy
 from crystal_vllm.runtime import CompressedKVCache, StepRequest
@@ -81,10 +82,18 @@ def test_decode_matches_dense_attention_over_kept_entries(policy_name: str) -> N
         for r in prompts:
             history_k[r] = torch.cat([history_k[r], new_k[r]])
             history_v[r] = torch.cat([history_v[r], new_v[r]])
+        # Entries held during a layer's attention: those held before the step plus the
+        # new token (begin_step evicts nothing; each layer evicts after its attention).
+        held_before = {
+            r: [[cache.kept_positions(r, layer, h) for h in range(H)] for layer in range(L)]
+            for r in prompts
+        }
         cache.begin_step(batch)
         for layer in range(L):
-            # Entries held during this layer's attention = held now (after insert).
-            held = {r: [cache.kept_positions(r, layer, h) for h in range(H)] for r in prompts}
+            held = {
+                r: [held_before[r][layer][h] + [history_k[r].shape[0] - 1] for h in range(H)]
+                for r in prompts
+            }
             q = torch.randn(len(prompts), H * G, D)
             k = torch.cat([new_k[r][:, layer] for r in prompts])
             v = torch.cat([new_v[r][:, layer] for r in prompts])
@@ -204,10 +213,18 @@ class _PositionReplay:
         return torch.nonzero(self.state.valid[0, 0, head]).flatten().tolist()
 
 
-@pytest.mark.parametrize("policy_name", [p for p in POLICY_NAMES if p != "crystal"])
-def test_kept_entries_are_the_policy_librarys_choice(policy_name: str) -> None:
+@pytest.mark.parametrize(
+    ("policy_name", "ops_impl"),
+    # LRFU policies run the fused decode op: both its C++ kernel (auto) and its reference.
+    [(p, "auto") for p in POLICY_NAMES if p != "crystal"]
+    + [("crystal-lite", "torch"), ("lru", "torch")],
+)
+def test_kept_entries_are_the_policy_librarys_choice(
+    policy_name: str, ops_impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # `crystal` is left out: Algorithm 2 only runs every realloc_interval (64) steps, so
     # over these 40 steps it is crystal-lite, which is covered.
+    monkeypatch.setenv(ops.ENV_VAR, ops_impl)
     torch.manual_seed(2)
     budget, prompt, steps = 12, 20, 40
     cache, cap = _make_cache(policy_name, budget)
