@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import json
 import math
 import re
 import sys
@@ -289,9 +291,32 @@ def group_by_policy(cases: Sequence[Case]) -> dict[str, list[Case]]:
 
 
 def evictions_logged(log_path: Path) -> int | None:
-    """Evictions in the server's last periodic stats line (logged every 10 s), if any."""
+    """Evictions in the server's last periodic stats line, if any."""
     matches = _EVICTIONS_LOG.findall(log_path.read_text(errors="replace"))
     return int(matches[-1]) if matches else None
+
+
+def logging_config(path: Path) -> Path:
+    """vLLM's logging configuration plus the ``crystal_vllm`` logger (whose periodic stats
+    line counts evictions) on vLLM's handler; vLLM shows only its own loggers otherwise.
+    Pass it as ``VLLM_LOGGING_CONFIG_PATH``."""
+    from vllm.logger import DEFAULT_LOGGING_CONFIG
+
+    config = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
+    config["loggers"]["crystal_vllm"] = {"handlers": ["vllm"], "level": "INFO", "propagate": False}
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
+def flush_stats(client: Any, model_name: str) -> None:
+    """Get the policy's counters logged now: the runner logs them on a step at most every
+    ``STATS_LOG_INTERVAL_S``, so wait that long and make one one-token step."""
+    from crystal_vllm.vllm_ext.model_runner import STATS_LOG_INTERVAL_S
+
+    time.sleep(STATS_LOG_INTERVAL_S + 0.5)
+    client.chat.completions.create(
+        model=model_name, messages=[{"role": "user", "content": "1"}], max_tokens=1
+    )
 
 
 @contextlib.contextmanager
@@ -374,8 +399,9 @@ def report(
         f"- servers: {settings['servers']}",
         "- budget: KV entries kept per (layer, KV head), sent per request as "
         "vllm_xargs kv_budget; `vs none` = accuracy / accuracy of none",
-        "- truncated: finish reason `length` (hit max tokens); evictions: the server's "
-        "cumulative count in its last 10 s stats line after the case (approximate)",
+        "- truncated: finish reason `length` (hit max tokens); evictions: KV entries (summed "
+        "over layers and KV heads) the server's policy evicted while decoding the case "
+        "(its stats log line; n/a when not logged)",
         "",
         table,
     ]
@@ -416,12 +442,18 @@ def main(argv: list[str] | None = None) -> None:
         with _openai_client(base_url, args.request_timeout) as client:
             model_name = args.model_name or client.models.list().data[0].id
             slug = slug or _model_slug(model_name)
+            counted = 0  # the server's evictions so far
             for case in cases:
                 logs.setdefault(case, open_log(case, slug))
                 start = time.perf_counter()
                 ran = run_case(client, model_name, problems, case, logs[case], args)
                 wall[case] = time.perf_counter() - start if ran else math.nan
-                evictions[case] = evictions_logged(server_log) if server_log else None
+                evictions[case] = None
+                if server_log is not None and case.policy != "none" and ran:
+                    flush_stats(client, model_name)
+                    now = evictions_logged(server_log)
+                    if now is not None:
+                        evictions[case], counted = now - counted, now
         return slug
 
     if args.base_url is not None:
@@ -451,7 +483,8 @@ def main(argv: list[str] | None = None) -> None:
                 flags += ["--served-model-name", args.model_name]
             log_path = args.run_dir / f"server_{slug}_{policy}.log"
             print(f"starting vllm serve {model} {' '.join(flags)} (log: {log_path})", flush=True)
-            with serve(model, flags, log_path=log_path, startup_timeout=900) as server:
+            env = {"VLLM_LOGGING_CONFIG_PATH": str(logging_config(args.run_dir / "logging.json"))}
+            with serve(model, flags, env=env, log_path=log_path, startup_timeout=900) as server:
                 run_all(server.base_url, cases, slug, log_path)
 
     baseline = None
