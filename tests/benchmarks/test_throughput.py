@@ -452,3 +452,10 @@ def test_script_runs_as_a_file() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "--memory-requests" in out.stdout
+
+
+def test_machine_info_lists_modified_files() -> None:
+    from benchmarks.common.machine import machine_info
+
+    modified = machine_info()["crystal_vllm_modified_files"]
+    assert modified is None or all(isinstance(p, str) and p for p in modified)
