@@ -170,6 +170,16 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def run_totals(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Wall time and evictions summed over every invocation that added to a case (NaN /
+    None when none measured them), so a resumed case still reports its whole cost."""
+    counts = [r["evictions"] for r in runs if r.get("evictions") is not None]
+    return {
+        "wall_s": sum(r["wall_s"] for r in runs) if runs else math.nan,
+        "evictions": sum(counts) if counts else None,
+    }
+
+
 def relative_accuracy(accuracy: float, baseline: float | None) -> float:
     """``accuracy / baseline``; NaN without a baseline or when the baseline is 0."""
     if baseline is None or math.isnan(baseline) or baseline == 0 or math.isnan(accuracy):
@@ -371,7 +381,7 @@ def report(
         "vs none",
         "avg generated tokens",
         "truncated",
-        "wall s (this run)",
+        "wall s",
         "evictions (server log)",
     ]
     table = markdown_table(
@@ -385,7 +395,7 @@ def report(
                 r["avg_completion_tokens"],
                 r["truncated"],
                 r["wall_s"],
-                "n/a" if r["evictions_logged"] is None else r["evictions_logged"],
+                "n/a" if r["evictions"] is None else r["evictions"],
             ]
             for r in rows
         ],
@@ -401,7 +411,8 @@ def report(
         "vllm_xargs kv_budget; `vs none` = accuracy / accuracy of none",
         "- truncated: finish reason `length` (hit max tokens); evictions: KV entries (summed "
         "over layers and KV heads) the server's policy evicted while decoding the case "
-        "(its stats log line; n/a when not logged)",
+        "(its stats log line; n/a when not logged); wall s: summed over the invocations "
+        "that ran the case's problems (a resumed case adds up)",
         "",
         table,
     ]
@@ -420,8 +431,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.serve is not None and any(c.budget is None and c.policy != "none" for c in args.cases):
         raise SystemExit("--serve needs a budget for every policy case (e.g. crystal:256)")
 
-    wall: dict[Case, float] = {}
-    evictions: dict[Case, int | None] = {}
     logs: dict[Case, RunLog] = {}
 
     def open_log(case: Case, slug: str) -> RunLog:
@@ -447,13 +456,15 @@ def main(argv: list[str] | None = None) -> None:
                 logs.setdefault(case, open_log(case, slug))
                 start = time.perf_counter()
                 ran = run_case(client, model_name, problems, case, logs[case], args)
-                wall[case] = time.perf_counter() - start if ran else math.nan
-                evictions[case] = None
-                if server_log is not None and case.policy != "none" and ran:
+                if not ran:
+                    continue
+                run = {"problems": ran, "wall_s": time.perf_counter() - start, "evictions": None}
+                if server_log is not None and case.policy != "none":
                     flush_stats(client, model_name)
                     now = evictions_logged(server_log)
                     if now is not None:
-                        evictions[case], counted = now - counted, now
+                        run["evictions"], counted = now - counted, now
+                logs[case].add_run(run)
         return slug
 
     if args.base_url is not None:
@@ -473,7 +484,6 @@ def main(argv: list[str] | None = None) -> None:
         )
         for case in args.cases:
             logs[case] = open_log(case, slug)
-            wall[case], evictions[case] = math.nan, None
         for policy, cases in group_by_policy(args.cases).items():
             if all(logs[c].done(p.id) for c in cases for p in problems):
                 continue  # resumed: nothing left for this server
@@ -500,8 +510,7 @@ def main(argv: list[str] | None = None) -> None:
                 "policy": case.policy,
                 "budget": case.budget,
                 **summary,
-                "wall_s": wall[case],
-                "evictions_logged": evictions[case],
+                **run_totals(logs[case].runs),
                 "run_log": str(logs[case].path),
             }
         )

@@ -3,7 +3,8 @@
 Each line is one finished problem (a JSON object with an ``id``). A line cut short by a
 crash is ignored on reading, and a rerun skips the ids already present. The first line
 of a file written by :class:`RunLog` is a header holding the settings the run used; a
-rerun with other settings refuses to mix its results into the same file.
+rerun with other settings refuses to mix its results into the same file. Lines holding
+``_run`` describe one invocation (e.g. its wall time), so totals survive resumption.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 HEADER_KEY = "_settings"
+RUN_KEY = "_run"
 
 
 class RunLog:
@@ -28,6 +30,7 @@ class RunLog:
         self.settings = json.loads(json.dumps(settings))
         self._lock = threading.Lock()
         self.records: dict[str, dict[str, Any]] = {}
+        self.runs: list[dict[str, Any]] = []
         if self.path.exists():
             data = self.path.read_bytes()
             if data and not data.endswith(b"\n"):
@@ -55,6 +58,8 @@ class RunLog:
                         f"{self.settings}; use another results directory or delete the file"
                     )
                 header_seen = True
+            elif RUN_KEY in row:
+                self.runs.append(row[RUN_KEY])
             elif "id" in row:
                 self.records[str(row["id"])] = row
         if not header_seen:
@@ -74,3 +79,9 @@ class RunLog:
         with self._lock:
             self._append(record)
             self.records[str(record["id"])] = record
+
+    def add_run(self, info: dict[str, Any]) -> None:
+        """Append what one invocation measured as a whole (e.g. its wall time)."""
+        with self._lock:
+            self._append({RUN_KEY: info})
+            self.runs.append(info)

@@ -19,6 +19,7 @@ from benchmarks.accuracy import (
     relative_accuracy,
     run_case,
     run_log_path,
+    run_totals,
     summarize,
 )
 from benchmarks.common.datasets import Problem
@@ -71,7 +72,10 @@ def test_run_log_resumes_and_survives_a_cut_line(tmp_path: Path) -> None:
     assert sorted(again.records) == ["a", "b"]
     assert again.done("a") and not again.done("c")
     again.add({"id": "c", "correct": True})
-    assert sorted(RunLog(path, settings).records) == ["a", "b", "c"]
+    again.add_run({"wall_s": 2.0, "evictions": 5})
+    third = RunLog(path, settings)
+    assert sorted(third.records) == ["a", "b", "c"]
+    assert third.runs == [{"wall_s": 2.0, "evictions": 5}]
     with pytest.raises(ValueError, match="max_tokens"):
         RunLog(path, {**settings, "max_tokens": 16})
     with pytest.raises(ValueError, match="needs an 'id'"):
@@ -98,6 +102,18 @@ def test_summary_and_relative_accuracy() -> None:
     assert math.isnan(relative_accuracy(0.2, 0.0))
     assert math.isnan(relative_accuracy(0.2, None))
     assert math.isnan(relative_accuracy(math.nan, 0.5))
+
+
+def test_run_totals_add_up_resumed_invocations() -> None:
+    runs = [
+        {"problems": 30, "wall_s": 100.0, "evictions": None},
+        {"problems": 70, "wall_s": 250.0, "evictions": 4000},
+        {"problems": 5, "wall_s": 10.0, "evictions": 200},
+    ]
+    assert run_totals(runs) == {"wall_s": 360.0, "evictions": 4200}
+    assert run_totals(runs[:1]) == {"wall_s": 100.0, "evictions": None}
+    empty = run_totals([])
+    assert math.isnan(empty["wall_s"]) and empty["evictions"] is None
 
 
 def test_cases_group_by_policy_and_name_their_logs(tmp_path: Path) -> None:
@@ -174,7 +190,7 @@ def test_smoke_serves_tiny_model_and_resumes(tmp_path: Path, capsys) -> None:
         "--limit",
         "2",
         "--max-tokens",
-        "4",
+        "6",
         "--concurrency",
         "2",
         "--max-model-len",
@@ -193,8 +209,10 @@ def test_smoke_serves_tiny_model_and_resumes(tmp_path: Path, capsys) -> None:
     assert [c["case"] for c in data["cases"]] == ["crystal:16", "crystal:8"]
     for case in data["cases"]:
         assert case["problems"] == 2
-        assert case["avg_completion_tokens"] <= 4
+        assert case["avg_completion_tokens"] <= 6
         assert math.isnan(case["relative_to_none"])
+        assert case["wall_s"] > 0
+        assert case["evictions"] > 0  # the prompts outgrow both budgets while decoding
         lines = Path(case["run_log"]).read_text().splitlines()
         assert len([line for line in lines if '"id"' in line]) == 2
     assert data["machine"]["cores_usable"] >= 1
