@@ -43,17 +43,21 @@ inline bool evicts_before(const Victim& x, const Victim& y) {
 }
 
 // lam^age exactly as torch.pow(lam, float(age)) rounds it (float32 powf), memoised per
-// thread: ages are small integers that repeat across entries, heads and steps.
+// thread: ages are small integers that repeat across entries, heads and steps. Callers
+// take a reference once per head (thread-local access is a call in a shared library).
 class DecayTable {
  public:
-  float operator()(float lam, int64_t age) {
+  void use(float lam) {
     if (lam != lam_) {
       lam_ = lam;
       table_.clear();
     }
-    if (age < 0 || age >= kMaxCached) return std::pow(lam, static_cast<float>(age));
+  }
+  float operator()(int64_t age) {
+    if (age >= 0 && age < static_cast<int64_t>(table_.size())) return table_[age];
+    if (age < 0 || age >= kMaxCached) return std::pow(lam_, static_cast<float>(age));
     while (static_cast<int64_t>(table_.size()) <= age) {
-      table_.push_back(std::pow(lam, static_cast<float>(table_.size())));
+      table_.push_back(std::pow(lam_, static_cast<float>(table_.size())));
     }
     return table_[age];
   }
@@ -64,7 +68,7 @@ class DecayTable {
   std::vector<float> table_;
 };
 
-thread_local DecayTable decay;
+thread_local DecayTable decay_table;
 
 // The number k of top-p hits among ranked[0, n): entries ordered by (p, position)
 // descending, k is the first index whose prefix mass (in float) reaches `threshold`.
@@ -72,12 +76,13 @@ thread_local DecayTable decay;
 // side that holds the boundary, so the cost is linear in n on average. On return the hits
 // occupy ranked[0, k) (in no particular order). Positions are distinct, so the order is
 // strict and ties in p are resolved exactly as the reference's sort does.
-int64_t nucleus_size(Ranked* ranked, int64_t n, const int64_t* position, float threshold) {
+int64_t nucleus_size(Ranked* ranked, int64_t n, const int64_t* position, float threshold,
+                     double before) {
   auto above = [position](const Ranked& x, const Ranked& y) {  // x ranks before y
-    return x.p > y.p || (x.p == y.p && position[x.slot] > position[y.slot]);
+    return (x.p > y.p) | ((x.p == y.p) & (position[x.slot] > position[y.slot]));
   };
   int64_t lo = 0, hi = n;  // ranked[0, lo) are hits, ranked[hi, n) are not
-  double before = 0.0;  // mass of ranked[0, lo)
+  // `before`: the mass ranked above ranked[0, n), plus that of ranked[0, lo).
   while (lo < hi) {
     // Median of three as the pivot, moved to ranked[hi - 1].
     const int64_t mid = lo + (hi - lo) / 2;
@@ -85,13 +90,17 @@ int64_t nucleus_size(Ranked* ranked, int64_t n, const int64_t* position, float t
     if (above(ranked[hi - 1], ranked[lo])) std::swap(ranked[hi - 1], ranked[lo]);
     if (above(ranked[mid], ranked[hi - 1])) std::swap(ranked[mid], ranked[hi - 1]);
     const Ranked pivot = ranked[hi - 1];
+    // Branchless Lomuto partition: whether an entry ranks above the pivot is a coin flip
+    // to the branch predictor, so the swap is unconditional and only `split` moves.
     int64_t split = lo;
     double mass = 0.0;
     for (int64_t i = lo; i < hi - 1; ++i) {
-      if (above(ranked[i], pivot)) {
-        mass += ranked[i].p;
-        std::swap(ranked[i], ranked[split++]);
-      }
+      const Ranked x = ranked[i];
+      const bool up = above(x, pivot);
+      ranked[i] = ranked[split];
+      ranked[split] = x;
+      split += up;
+      mass += up ? static_cast<double>(x.p) : 0.0;
     }
     std::swap(ranked[split], ranked[hi - 1]);  // pivot at `split`, above it in [lo, split)
     if (static_cast<float>(before + mass) < threshold) {
@@ -105,8 +114,25 @@ int64_t nucleus_size(Ranked* ranked, int64_t n, const int64_t* position, float t
   return lo;
 }
 
-// Scratch layout: the reduced distribution (S floats, padded to 64 bytes), then S Ranked.
+// Probability buckets for the top-p pass: a non-negative float's exponent and two leading
+// mantissa bits, which orders like the float itself (its bit pattern is monotone), for
+// p in [2^-40, 2); smaller probabilities share bucket 0. Entries of one probability always
+// share a bucket, so ties never straddle two buckets.
+constexpr int kBucketShift = 21;  // 23 mantissa bits - 2 kept
+constexpr int kBucketBase = (127 - 40) << 2;  // bucket 0: below 2^-40
+constexpr int kBuckets = (128 << 2) - kBucketBase;  // up to 2^1
+
+inline int bucket_of(float p) {
+  uint32_t bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  const int b = static_cast<int>(bits >> kBucketShift) - kBucketBase;
+  return b < 0 ? 0 : (b >= kBuckets ? kBuckets - 1 : b);
+}
+
+// Scratch layout: the reduced distribution (S floats), each slot's bucket (S bytes), then
+// S records (Ranked or Victim), each part padded to 64 bytes.
 int64_t padded_floats(int64_t n) { return (n + 15) / 16 * 16; }
+int64_t padded_bytes(int64_t n) { return (n + 63) / 64 * 64; }
 
 }  // namespace
 
@@ -128,6 +154,7 @@ void lrfu_insert(const LrfuArgs& a, int64_t item) {
 
 int64_t lrfu_scratch_bytes(int64_t num_slots) {
   return padded_floats(num_slots) * static_cast<int64_t>(sizeof(float)) +
+         padded_bytes(num_slots) +
          num_slots * static_cast<int64_t>(std::max(sizeof(Ranked), sizeof(Victim)));
 }
 
@@ -146,6 +173,8 @@ void lrfu_observe_evict(const LrfuArgs& a, int64_t item, int64_t extent, const f
   int64_t* tau = a.tau + base;
   uint8_t* prompt = a.prompt + base;
   const int64_t t = a.step[row];
+  DecayTable& decay = decay_table;
+  decay.use(a.lam);
 
   // 1. GQA reduction, into scratch[0, E). Invalid slots hold 0 in every row.
   float* p = scratch;
@@ -169,34 +198,58 @@ void lrfu_observe_evict(const LrfuArgs& a, int64_t item, int64_t extent, const f
     for (int64_t s = 0; s < E; ++s) p[s] = sum > 0.0f ? p[s] / sum : 0.0f;
   }
 
-  // 2 + 3. Top-p hits and the CRF update.
-  Ranked* ranked = reinterpret_cast<Ranked*>(scratch + padded_floats(S));
-  int64_t n = 0;
+  // 2 + 3. Top-p hits and the CRF update. A histogram of mass over probability buckets
+  // finds the bucket B holding the nucleus boundary in one pass: every entry of a higher
+  // bucket is a hit, none of a lower one is, and only B's entries are ranked exactly (a
+  // quickselect on mass), so the cost stays linear even for a wide nucleus.
+  uint8_t* bucket = reinterpret_cast<uint8_t*>(scratch + padded_floats(S));
+  Ranked* ranked = reinterpret_cast<Ranked*>(bucket + padded_bytes(S));
+  double hist[kBuckets] = {};
+  int64_t n = 0, born_now = 0;
   double total = 0.0;
   for (int64_t s = 0; s < E; ++s) {
     if (!valid[s]) continue;
     const float ps = std::max(p[s], 0.0f) + 0.0f;  // +0.0f: -0.0 ranks as 0.0
-    ranked[n++] = Ranked{ps, static_cast<int32_t>(s)};
+    p[s] = ps;
+    const int b = bucket_of(ps);
+    bucket[s] = static_cast<uint8_t>(b);
+    hist[b] += ps;
     total += ps;
+    ++n;
+    born_now += born[s] == t;
   }
-  const int64_t hits =
-      a.top_p >= 1.0f ? n
-                      : nucleus_size(ranked, n, position, a.top_p * static_cast<float>(total));
-  for (int64_t i = 0; i < hits; ++i) {
-    const int64_t s = ranked[i].slot;
-    if (tau[s] == t) continue;  // already rewarded at this step (the token inserted in it)
-    crf[s] = crf[s] * decay(a.lam, t - tau[s]) + 1.0f;
+  auto reward = [&](int64_t s) {
+    if (tau[s] == t) return;  // already rewarded at this step (the token inserted in it)
+    crf[s] = crf[s] * decay(t - tau[s]) + 1.0f;
     tau[s] = t;
+  };
+  if (a.top_p >= 1.0f) {
+    for (int64_t s = 0; s < E; ++s) {
+      if (valid[s]) reward(s);
+    }
+  } else {
+    const float threshold = a.top_p * static_cast<float>(total);
+    int boundary = kBuckets - 1;
+    double above = 0.0;  // mass of the buckets above `boundary`
+    while (boundary > 0 && static_cast<float>(above + hist[boundary]) < threshold) {
+      above += hist[boundary--];
+    }
+    int64_t m = 0;
+    for (int64_t s = 0; s < E; ++s) {
+      if (!valid[s]) continue;
+      if (bucket[s] > boundary) {
+        reward(s);
+      } else if (bucket[s] == boundary) {
+        ranked[m++] = Ranked{p[s], static_cast<int32_t>(s)};
+      }
+    }
+    const int64_t hits = nucleus_size(ranked, m, position, threshold, above);
+    for (int64_t i = 0; i < hits; ++i) reward(ranked[i].slot);
   }
 
   // 4. Evictions down to max(budget, #born at t), never an entry born at t.
-  int64_t held = 0, born_now = 0;
-  for (int64_t s = 0; s < E; ++s) {
-    held += valid[s];
-    born_now += valid[s] && born[s] == t;
-  }
   const int64_t keep = std::max(a.budgets[item], born_now);
-  const int64_t excess = held - keep;
+  const int64_t excess = n - keep;
   int32_t dropped = 0;
   auto drop = [&](int64_t s) {
     valid[s] = 0;
@@ -211,17 +264,17 @@ void lrfu_observe_evict(const LrfuArgs& a, int64_t item, int64_t extent, const f
     Victim best{0.0f, 0, 0, -1};
     for (int64_t s = 0; s < E; ++s) {
       if (!valid[s] || born[s] == t) continue;
-      const Victim v{crf[s] * decay(a.lam, t - tau[s]), tau[s], position[s],
+      const Victim v{crf[s] * decay(t - tau[s]), tau[s], position[s],
                      static_cast<int32_t>(s)};
       if (best.slot < 0 || evicts_before(v, best)) best = v;
     }
     if (best.slot >= 0) drop(best.slot);
   } else if (excess > 1) {
-    Victim* cand = reinterpret_cast<Victim*>(scratch + padded_floats(S));
+    Victim* cand = reinterpret_cast<Victim*>(ranked);
     int64_t m = 0;
     for (int64_t s = 0; s < E; ++s) {
       if (!valid[s] || born[s] == t) continue;
-      cand[m++] = Victim{crf[s] * decay(a.lam, t - tau[s]), tau[s], position[s],
+      cand[m++] = Victim{crf[s] * decay(t - tau[s]), tau[s], position[s],
                          static_cast<int32_t>(s)};
     }
     const int64_t count = std::min(excess, m);

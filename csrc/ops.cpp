@@ -397,6 +397,37 @@ std::tuple<at::Tensor, at::Tensor> lrfu_decode(
   return {out.to(query.scalar_type()), evicted};
 }
 
+// The lowest free (false) slot of every (row in rows, layer, head) of valid [R, L, H, S],
+// -1 where there is none: memchr stops at the first free byte, which for a head without
+// holes is right past its entries.
+at::Tensor first_free_slots(const at::Tensor& valid, const at::Tensor& rows) {
+  constexpr const char* op = "first_free_slots";
+  TORCH_CHECK_VALUE(valid.dim() == 4 && valid.scalar_type() == at::kBool &&
+                        valid.is_contiguous() && valid.device().is_cpu(),
+                    op, ": valid must be a contiguous CPU bool tensor [R, L, H, S], got ",
+                    valid.scalar_type(), " ", valid.sizes());
+  TORCH_CHECK_VALUE(rows.dim() == 1 && rows.scalar_type() == at::kLong && rows.is_contiguous(),
+                    op, ": rows must be a contiguous int64 vector");
+  const int64_t R = valid.size(0), heads = valid.size(1) * valid.size(2), S = valid.size(3);
+  const int64_t b = rows.size(0);
+  at::Tensor out = at::empty({b, valid.size(1), valid.size(2)}, rows.options());
+  const int64_t* row_ptr = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < b; ++i) {
+    TORCH_CHECK_INDEX(0 <= row_ptr[i] && row_ptr[i] < R, op, ": row ", row_ptr[i],
+                      " is out of range [0, ", R, ")");
+  }
+  const uint8_t* base = reinterpret_cast<const uint8_t*>(valid.data_ptr<bool>());
+  int64_t* slot = out.data_ptr<int64_t>();
+  for (int64_t i = 0; i < b; ++i) {
+    const uint8_t* head = base + row_ptr[i] * heads * S;
+    for (int64_t j = 0; j < heads; ++j, head += S) {
+      const void* hole = std::memchr(head, 0, S);
+      *slot++ = hole == nullptr ? -1 : static_cast<const uint8_t*>(hole) - head;
+    }
+  }
+  return out;
+}
+
 std::string cpu_isa() { return isa_name(static_cast<Isa>(g_isa.load())); }
 
 // Selects the kernel ISA ("auto" = the best this CPU has); returns the previous one.
@@ -434,12 +465,14 @@ TORCH_LIBRARY(crystal_vllm, m) {
       "Tensor budgets, Tensor(b!) valid, Tensor(c!) position, Tensor(d!) born, "
       "Tensor(e!) crf, Tensor(f!) tau, Tensor(g!) prompt, Tensor step, float scale, "
       "float lam, float top_p, bool gqa_max) -> (Tensor, Tensor)");
+  m.def("first_free_slots(Tensor valid, Tensor rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(crystal_vllm, CPU, m) {
   m.impl("paged_decode_attention", &crystal_vllm::paged_decode_attention);
   m.impl("write_kv", &crystal_vllm::write_kv);
   m.impl("lrfu_decode", &crystal_vllm::lrfu_decode);
+  m.impl("first_free_slots", &crystal_vllm::first_free_slots);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

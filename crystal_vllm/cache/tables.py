@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from crystal_vllm import ops
 from crystal_vllm.cache.layout import HeadBlockLayout
 
 __all__ = ["HeadBlockTables", "PoolExhaustedError", "ShrinkPlan"]
@@ -219,9 +220,8 @@ class HeadBlockTables:
         self._check_valid(valid)
         if self.debug:
             self._check_rows(rows)
-        # max() returns the first maximal index: the lowest free slot (0 when none is free).
-        has_free, slot = (~valid[rows]).view(torch.uint8).max(dim=-1)
-        if bool((need & (has_free == 0)).any()):
+        slot = ops.first_free_slots(valid, rows)
+        if bool((need & (slot < 0)).any()):
             raise RuntimeError(
                 "assign_slots: a head needs a slot but all its "
                 f"{self.num_slots} slots (max_head_blocks={self.max_head_blocks}) are live"

@@ -28,7 +28,14 @@ import torch
 from crystal_vllm.policy.lrfu import LRFUPolicy, LRFUState
 
 ENV_VAR = "CRYSTAL_VLLM_OPS"
-OPS = ("write_kv", "gather_kv", "paged_decode_attention", "move_entries", "lrfu_decode_layer")
+OPS = (
+    "write_kv",
+    "gather_kv",
+    "paged_decode_attention",
+    "move_entries",
+    "lrfu_decode_layer",
+    "first_free_slots",
+)
 
 # name -> module implementing OPS; None marks a known name that is not built yet. A
 # module may also raise ImportError (a compiled extension that is not built): that name
@@ -126,6 +133,11 @@ def move_entries(
     get_impl(device=kv_pool.device).move_entries(kv_pool, block_tables, src, dst)
 
 
+def first_free_slots(valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The lowest free slot of every head of ``rows``; see :func:`torch_ref.first_free_slots`."""
+    return get_impl(device=valid.device).first_free_slots(valid, rows)
+
+
 def lrfu_decode_layer(
     policy: LRFUPolicy,
     state: LRFUState,
@@ -165,6 +177,7 @@ __all__ = [
     "OPS",
     "available",
     "gather_kv",
+    "first_free_slots",
     "get_impl",
     "lrfu_decode_layer",
     "move_entries",

@@ -30,6 +30,7 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 
 __all__ = [
     "cpu_isa",
+    "first_free_slots",
     "gather_kv",
     "lrfu_decode_layer",
     "move_entries",
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 _KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+# The LRFUState fields the fused kernel reads and writes (per-entry, [R, L, H, S]).
+_LRFU_FIELDS = ("valid", "position", "born", "crf", "tau", "prompt")
 
 gather_kv = torch_ref.gather_kv
 move_entries = torch_ref.move_entries
@@ -101,6 +104,16 @@ def paged_decode_attention(
     )
 
 
+def first_free_slots(valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The lowest free slot of every head of ``rows``; see :func:`torch_ref.first_free_slots`.
+
+    A ``memchr`` per head that stops at the first free slot, instead of gathering and
+    reducing every slot of every head of the batch."""
+    if valid.device.type != "cpu" or not valid.is_contiguous() or valid.dtype != torch.bool:
+        return torch_ref.first_free_slots(valid, rows)
+    return torch.ops.crystal_vllm.first_free_slots(valid, rows.long().contiguous())
+
+
 def _fused_lrfu_applies(policy: LRFUPolicy, state: LRFUState, kv_pool: torch.Tensor) -> bool:
     """The kernel implements the served configuration (no prompt protection, hits before
     the cache is full) on CPU tensors laid out as the policy library allocates them."""
@@ -110,7 +123,7 @@ def _fused_lrfu_applies(policy: LRFUPolicy, state: LRFUState, kv_pool: torch.Ten
         and not config.protect_prompt
         and config.hits_before_full
         and config.gqa_reduce in ("mean", "max")
-        and all(getattr(state, name).is_contiguous() for name in state.entry_fields())
+        and all(getattr(state, name).is_contiguous() for name in _LRFU_FIELDS)
     )
 
 

@@ -22,7 +22,14 @@ import torch
 
 from crystal_vllm.policy.lrfu import LRFUPolicy, LRFUState
 
-__all__ = ["gather_kv", "lrfu_decode_layer", "move_entries", "paged_decode_attention", "write_kv"]
+__all__ = [
+    "first_free_slots",
+    "gather_kv",
+    "lrfu_decode_layer",
+    "move_entries",
+    "paged_decode_attention",
+    "write_kv",
+]
 
 
 def _check_pool(kv_pool: torch.Tensor) -> int:
@@ -217,6 +224,13 @@ def move_entries(
     _, dst_hb, dst_off = _slot_to_head_block(block_tables, dst, block_size, "move_entries")
     moved = kv_pool[src_hb[mask], :, src_off[mask]]  # [n, 2, D]
     kv_pool[dst_hb[mask], :, dst_off[mask]] = moved
+
+
+def first_free_slots(valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The lowest free slot of every head of ``rows``: ``valid [R, L, H, S]`` bool,
+    ``rows [b]`` -> ``[b, L, H]`` int64, ``-1`` where every slot is live."""
+    has_free, slot = (~valid[rows]).view(torch.uint8).max(dim=-1)  # first maximal index
+    return torch.where(has_free.bool(), slot, -1)
 
 
 def lrfu_decode_layer(

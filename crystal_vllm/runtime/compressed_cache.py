@@ -368,11 +368,13 @@ class CompressedKVCache:
         rows = plan.decode_rows
         steps = self.state.step[rows]
         due = steps % config.realloc_interval == 0
-        held = self.state.valid[rows].sum(dim=-1)
-        due &= (held >= self.budgets[rows]).all(dim=-1).all(dim=-1)  # cache has filled
-        if not bool(due.any()):
+        if not bool(due.any()):  # most steps: skip counting the entries of every head
             return
         rows = rows[due]
+        held = self.state.valid[rows].sum(dim=-1)
+        rows = rows[(held >= self.budgets[rows]).all(dim=-1).all(dim=-1)]  # cache has filled
+        if not rows.numel():
+            return
         budgets = self.budgets[rows]
         total = budgets.sum(dim=(1, 2))
         new_budgets = allocate_budgets(

@@ -283,3 +283,17 @@ def test_threads_split_work_items_without_changing_results():
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def test_first_free_slots_matches_reference():
+    gen = torch.Generator().manual_seed(5)
+    valid = torch.rand(6, 3, 2, 40, generator=gen) < 0.9
+    valid[0, 0, 0] = True  # a full head: -1
+    valid[1, 1, 1, :17] = True  # no hole below its end
+    valid[1, 1, 1, 17:] = False
+    rows = torch.tensor([4, 0, 1, 5])
+    got = cpu.first_free_slots(valid, rows)
+    assert torch.equal(got, torch_ref.first_free_slots(valid, rows))
+    assert got[1, 0, 0] == -1 and got[2, 1, 1] == 17
+    with pytest.raises(IndexError, match="row 6 is out of range"):
+        cpu.first_free_slots(valid, torch.tensor([6]))
