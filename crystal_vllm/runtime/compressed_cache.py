@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +67,10 @@ class _StepPlan:
     decode_budgets: torch.Tensor  # long [L, b, H]
     prefills: list[tuple[int, int, int]] = field(default_factory=list)
     # (row, first token index, num tokens)
+    fused_decode: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    # the ops implementation's lrfu_decode_layer, resolved once per step
+    evicted: list[torch.Tensor] = field(default_factory=list)  # per-layer counts, summed
+    # at the end of the step (one sync per step instead of one per layer)
 
 
 class CompressedKVCache:
@@ -198,6 +202,9 @@ class CompressedKVCache:
             decode_positions=positions,
             decode_budgets=self.budgets[rows].transpose(0, 1).contiguous(),
             prefills=[p[:3] for p in prefills],
+            fused_decode=(
+                ops.get_impl(device=device).lrfu_decode_layer if self._fused_lrfu else None
+            ),
         )
 
     def _update_budget(self, row: int, request: StepRequest) -> None:
@@ -237,6 +244,8 @@ class CompressedKVCache:
         """Step bookkeeping after the last layer: budget reallocation, invariants."""
         plan, self._plan = self._plan, None
         self.stats.steps += 1
+        if plan is not None and plan.evicted:
+            self.stats.evictions += int(torch.stack(plan.evicted).sum())
         if plan is not None and self.policy.adaptive_budgets and plan.decode_rows.numel():
             self._reallocate(plan)
         if self.debug_checks:
@@ -246,8 +255,8 @@ class CompressedKVCache:
 
     def _decode_layer(self, layer, plan, query, key, value) -> torch.Tensor:
         rows, tokens = plan.decode_rows, plan.decode_tokens
-        if self._fused_lrfu:
-            out, evicted = ops.lrfu_decode_layer(
+        if plan.fused_decode is not None:
+            out, evicted = plan.fused_decode(
                 self.policy,
                 self.state,
                 rows,
@@ -262,7 +271,7 @@ class CompressedKVCache:
                 self.tables.block_tables,
                 self.scale,
             )
-            self.stats.evictions += int(evicted.sum())
+            plan.evicted.append(evicted)
             return out
         tables = self.tables.block_tables[rows, layer]
         slots = plan.decode_slots[layer, :, :, None]
