@@ -181,19 +181,23 @@ void lrfu_observe_evict(const LrfuArgs& a, int64_t item, int64_t extent, const f
   if (G == 1) {
     std::memcpy(p, probs, E * sizeof(float));
   } else if (!a.gqa_max) {
-    for (int64_t s = 0; s < E; ++s) {
-      float sum = probs[s];
-      for (int64_t g = 1; g < G; ++g) sum += probs[g * S + s];
-      p[s] = sum / static_cast<float>(G);
+    // Row by row (contiguous, vectorised); the sum order ((p0 + p1) + p2) ... / G is the
+    // reference's mean.
+    std::memcpy(p, probs, E * sizeof(float));
+    for (int64_t g = 1; g < G; ++g) {
+      const float* row = probs + g * S;
+      for (int64_t s = 0; s < E; ++s) p[s] += row[s];
     }
+    const float groups = static_cast<float>(G);
+    for (int64_t s = 0; s < E; ++s) p[s] /= groups;
   } else {
-    double total = 0.0;
-    for (int64_t s = 0; s < E; ++s) {
-      float m = probs[s];
-      for (int64_t g = 1; g < G; ++g) m = std::max(m, probs[g * S + s]);
-      p[s] = m;
-      total += m;
+    std::memcpy(p, probs, E * sizeof(float));
+    for (int64_t g = 1; g < G; ++g) {
+      const float* row = probs + g * S;
+      for (int64_t s = 0; s < E; ++s) p[s] = std::max(p[s], row[s]);
     }
+    double total = 0.0;
+    for (int64_t s = 0; s < E; ++s) total += p[s];
     const float sum = static_cast<float>(total);
     for (int64_t s = 0; s < E; ++s) p[s] = sum > 0.0f ? p[s] / sum : 0.0f;
   }
@@ -261,14 +265,21 @@ void lrfu_observe_evict(const LrfuArgs& a, int64_t item, int64_t extent, const f
     ++dropped;
   };
   if (excess == 1) {  // the steady state: one scan for the lowest
-    Victim best{0.0f, 0, 0, -1};
+    // Most entries score above the best so far: that test is predictable, and the
+    // tie-breaks (tau, position) are read only on equal scores.
+    int64_t best = -1;
+    float best_score = 0.0f;
     for (int64_t s = 0; s < E; ++s) {
       if (!valid[s] || born[s] == t) continue;
-      const Victim v{crf[s] * decay(t - tau[s]), tau[s], position[s],
-                     static_cast<int32_t>(s)};
-      if (best.slot < 0 || evicts_before(v, best)) best = v;
+      const float score = crf[s] * decay(t - tau[s]);
+      if (best >= 0 && score > best_score) continue;
+      if (best < 0 || score < best_score || tau[s] < tau[best] ||
+          (tau[s] == tau[best] && position[s] < position[best])) {
+        best = s;
+        best_score = score;
+      }
     }
-    if (best.slot >= 0) drop(best.slot);
+    if (best >= 0) drop(best);
   } else if (excess > 1) {
     Victim* cand = reinterpret_cast<Victim*>(ranked);
     int64_t m = 0;
