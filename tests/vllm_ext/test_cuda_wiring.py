@@ -14,7 +14,6 @@ import importlib
 import inspect
 import os
 import sys
-import textwrap
 import types
 
 import pytest
@@ -28,7 +27,13 @@ from vllm.v1.worker.gpu_worker import Worker
 
 pytest.importorskip("triton")
 
-from crystal_vllm.vllm_ext import backend, backend_cuda, model_runner, model_runner_cuda  # noqa: E402
+from crystal_vllm.vllm_ext import (  # noqa: E402
+    backend,
+    backend_cuda,
+    model_runner,
+    model_runner_cuda,
+    runner_mixin,
+)
 from crystal_vllm.vllm_ext import platform as crystal_platform  # noqa: E402
 
 #: Methods of the runner that are crystal-vllm's own (not overrides of vLLM's).
@@ -60,7 +65,7 @@ def test_runner_overrides_exist_in_vllm_with_the_same_parameters() -> None:
     assert issubclass(cls, GPUModelRunner)
     overrides = {
         name
-        for klass in (model_runner_cuda.CrystalRunnerMixin, cls)
+        for klass in (runner_mixin.CrystalRunnerMixin, cls)
         for name, value in vars(klass).items()
         if inspect.isfunction(value) and name not in OWN_METHODS
     }
@@ -72,14 +77,15 @@ def test_runner_overrides_exist_in_vllm_with_the_same_parameters() -> None:
         assert base[: len(ours)] == ours, f"{name}: {ours} vs vLLM's {base}"
 
 
-def test_runner_logic_is_the_cpu_runners() -> None:
-    """Until the CPU runner adopts CrystalRunnerMixin, the two copies must not drift."""
-    for name, value in vars(model_runner.CrystalCPUModelRunner).items():
-        if inspect.isfunction(value):
-            ours = getattr(model_runner_cuda.CrystalRunnerMixin, name)
-            assert textwrap.dedent(inspect.getsource(ours)) == textwrap.dedent(
-                inspect.getsource(value)
-            ), f"CrystalRunnerMixin.{name} differs from CrystalCPUModelRunner.{name}"
+def test_both_runners_share_the_mixin() -> None:
+    """The compressed-KV logic exists once: the CPU and the CUDA runner mix in the same
+    class, ahead of vLLM's runner of their device."""
+    for runner, base in (
+        (model_runner.CrystalCPUModelRunner, model_runner.CPUModelRunner),
+        (model_runner_cuda.CrystalGPUModelRunner, GPUModelRunner),
+    ):
+        mro = runner.__mro__
+        assert mro.index(runner_mixin.CrystalRunnerMixin) < mro.index(base)
 
 
 def test_worker_builds_the_crystal_runner(monkeypatch: pytest.MonkeyPatch) -> None:
