@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -138,28 +139,36 @@ def check_lengths(contexts: list[int], output_len: int, max_context: int) -> str
 
 
 def _timed_request(parts: EngineParts, req_id: str, tokens: list[int], params: Any) -> dict:
-    """Run one request alone; its timing and the KV it held at most (blocks, head-blocks)."""
+    """Run one request alone; its timing and the KV it held at most (blocks, head-blocks).
+
+    Besides wall time, the process's CPU time is timed: the engine runs in this process on
+    one thread, so CPU time per token is what a token costs regardless of other jobs
+    competing for the cores, which wall time is not.
+    """
     from vllm.inputs import TokensPrompt
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     parts.engine.add_request(req_id, TokensPrompt(prompt_token_ids=tokens), params)
-    first = None
+    first = cpu_first = None
     peak_blocks = peak_head_blocks = 0
     while parts.engine.has_unfinished_requests():
         outputs = parts.engine.step()
-        now = time.perf_counter()
+        now, cpu_now = time.perf_counter(), time.process_time()
         peak_blocks = max(peak_blocks, parts.blocks_in_use())
         summary = parts.cache_summary()
         if summary is not None:
             peak_head_blocks = max(peak_head_blocks, summary["head_blocks_in_use"])
         for out in outputs:
             if first is None and out.outputs[0].token_ids:
-                first = now
+                first, cpu_first = now, cpu_now
             if out.finished:
                 timing = RequestTiming(start, first, now, len(out.outputs[0].token_ids))
+                cpu = RequestTiming(cpu_start, cpu_first, cpu_now, timing.output_tokens)
     return {
         "ttft_s": timing.ttft,
         "tpot_s": timing.tpot,
+        "cpu_ttft_s": cpu.ttft,
+        "cpu_tpot_s": cpu.tpot,
         "peak_blocks": peak_blocks,
         "peak_head_blocks": peak_head_blocks if parts.cache is not None else None,
     }
@@ -195,7 +204,7 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
                 "evictions": None if after is None else after - before,
             }
         )
-    return {"ops": parts.ops_impl(), "measurements": measurements}
+    return {"ops": parts.ops_impl(), "torch_threads": parts.threads(), "measurements": measurements}
 
 
 # -- the driver ----------------------------------------------------------------------------
@@ -207,6 +216,7 @@ def summarize(
     """Medians over a (case, context)'s repeats and the KV bytes held at the peak."""
     runs = measurement["runs"]
     tpot = statistics.median(r["tpot_s"] for r in runs)
+    cpu_tpot = statistics.median(r["cpu_tpot_s"] for r in runs)
     held = kv_bytes_held(
         policy,
         geometry,
@@ -219,18 +229,19 @@ def summarize(
         "ttft_median_s": statistics.median(r["ttft_s"] for r in runs),
         "tpot_median_s": tpot,
         "decode_tok_s": 1.0 / tpot,
+        "cpu_tpot_median_s": cpu_tpot,
+        "cpu_decode_tok_s": 1.0 / cpu_tpot,
         "peak_kv_bytes": held,
         "evictions": measurement["evictions"],
     }
 
 
 def report(results: list[dict[str, Any]], setting: str) -> str:
-    base = {
-        m["context"]: m["decode_tok_s"]
-        for r in results
-        if r["policy"] == "none"
-        for m in r["contexts"]
-    }
+    base = {m["context"]: m for r in results if r["policy"] == "none" for m in r["contexts"]}
+
+    def ratio(m: dict[str, Any], key: str) -> float:
+        return m[key] / base[m["context"]][key] if m["context"] in base else math.nan
+
     rows = []
     for r in results:
         for m in r["contexts"]:
@@ -239,28 +250,38 @@ def report(results: list[dict[str, Any]], setting: str) -> str:
                     case_label(r["policy"], r["budget"]),
                     m["context"],
                     m["decode_tok_s"],
-                    m["decode_tok_s"] / base[m["context"]] if m["context"] in base else math.nan,
+                    ratio(m, "decode_tok_s"),
                     m["tpot_median_s"] * 1000,
+                    m["cpu_decode_tok_s"],
+                    ratio(m, "cpu_decode_tok_s"),
                     m["ttft_median_s"],
                     m["peak_kv_bytes"] / 2**20,
                     "n/a" if m["evictions"] is None else m["evictions"],
+                    "{:.1f} / {:.1f}".format(*r["load_avg_1m"]),
                 ]
             )
     headers = [
         "case",
         "context",
-        "decode tok/s (median)",
+        "decode tok/s (wall)",
         "x none",
-        "TPOT ms (median)",
-        "TTFT s (median)",
+        "TPOT ms (wall)",
+        "decode tok per CPU-s",
+        "x none",
+        "TTFT s (wall)",
         "KV MiB held (peak)",
         "evictions",
+        "load avg start / end",
     ]
     return (
         f"# Decode speed vs context (single request)\n\n{setting}\n\n"
         + markdown_table(headers, rows, 2)
-        + "\nKV held: head-blocks in use x bytes per head-block for a policy, vLLM blocks in use "
-        "x bytes per block for none. Evictions: over all repeats of that context.\n"
+        + "\nMedians over the repeats. Decode excludes the prefill (first token to last). "
+        "Per CPU-s: the same tokens over the engine process's CPU time (one thread), which "
+        "other jobs on the machine inflate far less than wall time. KV held: head-blocks in "
+        "use x bytes per head-block for a policy, vLLM blocks in use x bytes per block for "
+        "none. Evictions: over all repeats of that context. Load avg: the machine's 1-minute "
+        f"load average when the case started and ended ({os.cpu_count()} cores).\n"
     )
 
 
@@ -270,20 +291,23 @@ def _plot(results: list[dict[str, Any]]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for r in results:
-        label = case_label(r["policy"], r["budget"])
-        contexts = [m["context"] for m in r["contexts"]]
-        ax1.plot(contexts, [m["decode_tok_s"] for m in r["contexts"]], marker="o", label=label)
-        ax2.plot(contexts, [m["ttft_median_s"] for m in r["contexts"]], marker="o", label=label)
-    ax1.set_ylabel("decode tokens / s (median)")
-    ax2.set_ylabel("TTFT s (median)")
-    for ax in (ax1, ax2):
+    panels = [
+        ("decode_tok_s", "decode tokens / s (wall)"),
+        ("cpu_decode_tok_s", "decode tokens / CPU-s"),
+        ("ttft_median_s", "TTFT s (wall)"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(14, 3.8))
+    for ax, (key, ylabel) in zip(axes, panels, strict=True):
+        for r in results:
+            contexts = [m["context"] for m in r["contexts"]]
+            label = case_label(r["policy"], r["budget"])
+            ax.plot(contexts, [m[key] for m in r["contexts"]], marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (prompt tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
         ax.legend()
-    ax1.set_ylim(bottom=0)
-    fig.suptitle("Single-request decode speed vs context")
+    fig.suptitle("Single-request decode speed vs context (medians)")
     fig.tight_layout()
     return fig
 
@@ -326,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
             "kv_bytes": num_blocks * block_bytes,
             "engine": engine_settings(max_model_len, args.block_size, max_num_seqs=1),
         }
-        case_start = time.perf_counter()
+        case_start, load_start = time.perf_counter(), os.getloadavg()[0]
         measured = run_worker(Path(__file__), spec, label, len(contexts) * args.repeats)
         for m in measured["measurements"]:
             if policy not in NON_EVICTING and m["context"] > budget and not m["evictions"]:
@@ -338,11 +362,13 @@ def main(argv: list[str] | None = None) -> None:
             {
                 **spec,
                 "ops": measured["ops"],
+                "torch_threads": measured["torch_threads"],
                 "contexts": [
                     {**summarize(policy, m, geometry, args.block_size), "runs": m["runs"]}
                     for m in measured["measurements"]
                 ],
                 "case_wall_s": time.perf_counter() - case_start,
+                "load_avg_1m": [load_start, os.getloadavg()[0]],
             }
         )
 

@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -175,7 +176,7 @@ def run_offline_case(spec: dict[str, Any]) -> dict[str, Any]:
         tokens = prompt_tokens(i, spec["prompt_len"], vocab)
         parts.engine.add_request(str(i), TokensPrompt(prompt_token_ids=tokens), params)
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     first_token: dict[str, float] = {}
     timings: list[RequestTiming] = []
     samples: list[tuple[float, int]] = []  # (step start, requests in the step)
@@ -202,14 +203,19 @@ def run_offline_case(spec: dict[str, Any]) -> dict[str, Any]:
         if done:
             report_progress(done)
     elapsed = time.perf_counter() - start
+    cpu_elapsed = time.process_time() - cpu_start
 
     summary = parts.cache_summary()
     generated = sum(t.output_tokens for t in timings)
     return {
         "ops": parts.ops_impl(),
+        "torch_threads": parts.threads(),
         "elapsed_s": elapsed,
         "generated_tokens": generated,
         "output_tok_s": generated / elapsed,
+        # One engine thread in this process: tokens per CPU-second barely depend on other
+        # jobs competing for the cores, which tokens per wall-second do.
+        "output_tok_per_cpu_s": generated / cpu_elapsed,
         **running_stats(samples, elapsed),
         "timeline": downsample(samples),
         "peak_blocks": peak_blocks,
@@ -303,6 +309,7 @@ def run_http_case(
         "elapsed_s": load.elapsed,
         "generated_tokens": generated,
         "output_tok_s": generated / load.elapsed,
+        "output_tok_per_cpu_s": None,  # the server's processes are not timed
         **running_stats(running, load.elapsed),
         "timeline": downsample(running),
         "peak_blocks": round(peak_usage * usable),
@@ -344,6 +351,10 @@ def _mib(value: int | None) -> float | str:
     return "n/a" if value is None else value / 2**20
 
 
+def _per_cpu(value: float | None) -> float | str:
+    return "n/a" if value is None else value
+
+
 def _ratio(value: float, base: float | None) -> float:
     return value / base if base else math.nan
 
@@ -361,6 +372,8 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], setting: str
                 case_label(r["policy"], r["budget"]),
                 r["output_tok_s"],
                 _ratio(r["output_tok_s"], base and base["output_tok_s"]),
+                _per_cpu(r["output_tok_per_cpu_s"]),
+                _ratio(r["output_tok_per_cpu_s"] or 0.0, base and base["output_tok_per_cpu_s"]),
                 r["peak_running"],
                 r["steady_running"],
                 _ratio(r["steady_running"], base and base["steady_running"]),
@@ -372,11 +385,14 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], setting: str
                 r["e2e_median_s"],
                 "n/a" if r["evictions"] is None else r["evictions"],
                 r["case_wall_s"],
+                "{:.1f} / {:.1f}".format(*r["load_avg_1m"]),
             ]
         )
     headers = [
         "case",
         "tok/s",
+        "x none",
+        "tok per CPU-s",
         "x none",
         "peak running",
         "steady running",
@@ -389,11 +405,17 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], setting: str
         "E2E s (median)",
         "evictions",
         "case wall s",
+        "load avg start / end",
     ]
     notes = [
+        "tok/s: output tokens over the wall time from the first request to the last token; "
+        "per CPU-s: over the engine process's CPU time (offline mode, one thread), which "
+        "other jobs on the machine inflate far less than wall time. "
         "Steady running: time-weighted mean over the middle half of the run; mean running: "
         "over the whole run. KV held: head-blocks in use x bytes per head-block for a policy, "
-        "vLLM blocks in use x bytes per block for none."
+        "vLLM blocks in use x bytes per block for none. Load avg: the machine's 1-minute "
+        f"load average when the case started and ended ({os.cpu_count()} cores; other jobs "
+        "share them)."
     ]
     if args.mode == "http":
         notes.append(
@@ -495,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
             "kv_bytes": num_blocks * block_bytes,
             "engine": settings,
         }
-        case_start = time.perf_counter()
+        case_start, load_start = time.perf_counter(), os.getloadavg()[0]
         if args.mode == "offline":
             measured = run_worker(Path(__file__), spec, label, args.num_requests)
             if measured["total_blocks"] != num_blocks - 1:
@@ -524,6 +546,8 @@ def main(argv: list[str] | None = None) -> None:
                 ),
                 "peak_reserved_kv_bytes": measured["peak_blocks"] * block_bytes,
                 "case_wall_s": time.perf_counter() - case_start,
+                # Other jobs share the machine: the 1-minute load average around the case.
+                "load_avg_1m": [load_start, os.getloadavg()[0]],
             }
         )
 

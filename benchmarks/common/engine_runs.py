@@ -376,6 +376,12 @@ class EngineParts:
     def cache_summary(self) -> dict[str, Any] | None:
         return None if self.cache is None else self.cache.summary()
 
+    def threads(self) -> int:
+        """Torch threads of the engine (the CPU-time figures assume one)."""
+        import torch
+
+        return torch.get_num_threads()
+
     def ops_impl(self) -> str | None:
         """Which crystal_vllm ops implementation ran (C++ or torch), for the record."""
         if self.cache is None:

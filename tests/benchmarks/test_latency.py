@@ -57,7 +57,14 @@ def test_context_too_long_for_the_model(capsys: pytest.CaptureFixture, tiny_mode
 
 
 def _run(ttft: float, tpot: float, blocks: int, head_blocks: int | None) -> dict:
-    return {"ttft_s": ttft, "tpot_s": tpot, "peak_blocks": blocks, "peak_head_blocks": head_blocks}
+    return {
+        "ttft_s": ttft,
+        "tpot_s": tpot,
+        "cpu_ttft_s": ttft / 2,
+        "cpu_tpot_s": tpot / 2,
+        "peak_blocks": blocks,
+        "peak_head_blocks": head_blocks,
+    }
 
 
 def test_summarize_takes_medians_and_counts_bytes() -> None:
@@ -65,6 +72,7 @@ def test_summarize_takes_medians_and_counts_bytes() -> None:
     m = lat.summarize("crystal", {"context": 128, "runs": runs, "evictions": 9}, TINY, 32)
     assert m["ttft_median_s"] == 2.0 and m["tpot_median_s"] == 0.04
     assert m["decode_tok_s"] == pytest.approx(25.0)
+    assert m["cpu_tpot_median_s"] == 0.02 and m["cpu_decode_tok_s"] == pytest.approx(50.0)
     assert m["peak_kv_bytes"] == 14 * TINY.head_block_bytes(32)
     assert m["evictions"] == 9
     none = [_run(1.0, 0.05, 5, None)]
@@ -76,6 +84,7 @@ def _measured(evictions: list[int | None]) -> dict:
     runs = [_run(0.1, 0.01, 3, 8)]
     return {
         "ops": None,
+        "torch_threads": 1,
         "measurements": [
             {"context": c, "runs": runs, "evictions": e}
             for c, e in zip([64, 128], evictions, strict=True)
@@ -96,7 +105,9 @@ def test_driver_fails_when_a_long_context_evicted_nothing(
     (path,) = tmp_path.glob("*_unit.json")
     (case,) = json.loads(path.read_text())["cases"]
     assert [m["evictions"] for m in case["contexts"]] == [0, 5]
-    assert "| crystal:100 | 128 | 100.00 | n/a |" in path.with_suffix(".md").read_text()
+    assert "| crystal:100 | 128 | 100.00 | n/a | 10.00 | 200.00 | n/a |" in (
+        path.with_suffix(".md").read_text()
+    )
 
 
 @pytest.mark.slow
@@ -131,6 +142,8 @@ def test_latency_smoke(tmp_path: Path) -> None:
             assert len(m["runs"]) == 2
             assert m["decode_tok_s"] > 0 and m["ttft_median_s"] > 0
             assert not math.isnan(m["tpot_median_s"])
+            # One thread in the engine process: CPU time cannot exceed wall time by much.
+            assert 0 < m["cpu_tpot_median_s"] <= 1.5 * m["tpot_median_s"]
     assert crystal["contexts"][1]["evictions"] > 0
     # At 160 tokens vanilla holds 6 blocks; crystal:32 at most ~2 head-blocks per head.
     assert none["contexts"][1]["peak_kv_bytes"] == 6 * TINY.block_bytes(32)

@@ -287,6 +287,7 @@ def _fake_case(evictions: int | None) -> dict:
         "elapsed_s": 2.0,
         "generated_tokens": 8,
         "output_tok_s": 4.0,
+        "output_tok_per_cpu_s": 8.0,
         "peak_running": 2,
         "mean_running": 1.5,
         "steady_running": 1.5,
@@ -357,7 +358,7 @@ def test_driver_writes_results_and_bytes_held(
     assert crystal["peak_reserved_kv_bytes"] == 2 * tiny.block_bytes(32)
     assert none["num_blocks"] == 3  # 64 tokens = 2 blocks, plus vLLM's null block
     markdown = path.with_suffix(".md").read_text()
-    assert "| crystal:16 | 4.00 | 1.00 |" in markdown
+    assert "| crystal:16 | 4.00 | 1.00 | 8.00 | 1.00 |" in markdown
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -410,6 +411,7 @@ def test_offline_smoke(tmp_path: Path) -> None:
         assert 1 <= case["peak_running"] <= 4
         assert case["peak_blocks"] <= case["total_blocks"]
         assert 0 < case["ttft_median_s"] <= case["e2e_median_s"]
+        assert case["output_tok_per_cpu_s"] >= 0.5 * case["output_tok_s"]
     assert none["evictions"] is None and none["peak_head_blocks"] is None
     assert none["peak_kv_bytes"] == none["peak_blocks"] * none["block_bytes"]
     assert crystal["evictions"] > 0
