@@ -300,7 +300,11 @@ class CompressedKVCache:
         k = key.transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, T, D]
         v = value.transpose(0, 1).repeat_interleave(group, dim=0)
         q = query.transpose(0, 1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        # 4-d inputs: torch's fused (flash) CPU kernel; 3-d ones take the math path, which
+        # materialises T x T scores and was ~30x slower on an 8k prompt.
+        out = F.scaled_dot_product_attention(
+            q[None], k[None], v[None], is_causal=True, scale=self.scale
+        )[0]
         kept, scratch = self._select_prompt_entries(row, layer, query, key)
         self._store_prompt_entries(row, layer, kept, scratch, key, value)
         return out.transpose(0, 1)
