@@ -9,7 +9,7 @@ them; see ``kernels/README.md``.
 
 from __future__ import annotations
 
-from .attention import decode_attention, plan_splits
+from .attention import decode_attention
 from .common import ERR_BAD_SLOT, ERR_OUT_OF_RANGE, ERR_UNASSIGNED, INTERPRETED, new_errors
 from .lrfu import lrfu_decode_step
 from .write_kv import write_kv
@@ -22,6 +22,5 @@ __all__ = [
     "decode_attention",
     "lrfu_decode_step",
     "new_errors",
-    "plan_splits",
     "write_kv",
 ]

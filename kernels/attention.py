@@ -3,11 +3,11 @@
 Flash-decoding in two kernels:
 
 1. :func:`_partial_kernel`, one program per (request, KV head, split of the slots): all
-   ``G`` query heads of the KV head at once (padded to a power of two >= 16 and masked, so
-   any GQA ratio works), the slots of its split in tiles of ``BLOCK_N``, each slot's
-   head-block looked up in the head's own table row. It writes the raw scores
-   ``scale * q.k`` (``-inf`` on dead slots) into the probabilities buffer and the split's
-   running max, sum of exponentials and unnormalised output.
+   ``G`` query heads of the KV head at once (padded to a power of two, >= 16 for tensor
+   cores, and masked, so any GQA ratio works), the slots of its split in tiles of
+   ``BLOCK_N``, each slot's head-block looked up in the head's own table row. It writes
+   the raw scores ``scale * q.k`` (``-inf`` on dead slots) into the probabilities buffer
+   and the split's running max, sum of exponentials and unnormalised output.
 2. :func:`_combine_kernel` (attention alone) combines the splits into the output and the
    softmax max/sum, then rebuilds each probability in place as ``exp(score - max) / sum``,
    which is the reference's formula, so no second pass over K is needed. The fused LRFU
@@ -254,14 +254,22 @@ class SplitPlan:
 
 
 def plan_splits(
-    num_heads: int, num_slots: int, head_dim: int, device: torch.device, split_size: int | None
+    num_heads: int,
+    num_slots: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    split_size: int | None,
 ) -> SplitPlan:
     """Enough splits for ``PROGRAMS_PER_SM`` programs per SM, none under ``MIN_SPLIT`` slots.
 
+    Tiles of ``BLOCK_N`` slots hold 4096 K (and V) elements of a 16-bit pool, 16 slots of a
+    float32 one: sizes that compile without register spills for sm_90 (checked with
+    ``cuobjdump``; the per-element gather addresses dominate the register count).
     ``split_size`` forces the split length (a power of two >= 16; tests use small ones to
     run the multi-split path on toy sizes).
     """
-    block_n = 32 if head_dim > 128 else 64
+    block_n = 16 if dtype == torch.float32 else max(16, 4096 // next_power_of_2(head_dim))
     if split_size is not None:
         block_n = min(block_n, split_size)
     else:
@@ -305,9 +313,10 @@ def attention_partials(
     b, hq, head_dim = query.shape
     h, num_slots = valid.shape[1], valid.shape[2]
     group = hq // h
-    group_padded = next_power_of_2(group, 16)
+    # Tensor cores work on 16 rows anyway; IEEE float32 dots pay for every padded row.
+    group_padded = next_power_of_2(group, 1 if kv_pool.dtype == torch.float32 else 16)
     block_d = next_power_of_2(head_dim, 16)
-    plan = plan_splits(b * h, num_slots, head_dim, kv_pool.device, split_size)
+    plan = plan_splits(b * h, num_slots, head_dim, kv_pool.dtype, kv_pool.device, split_size)
     device = kv_pool.device
     scores = torch.empty(b, hq, num_slots, dtype=torch.float32, device=device)
     m = torch.empty(b * h, plan.num_splits, group_padded, dtype=torch.float32, device=device)

@@ -41,7 +41,7 @@ from .write_kv import write_kv
 
 #: ``lam**age`` = ``low[age % 2**DECAY_LOW_BITS] * high[age >> DECAY_LOW_BITS]``.
 DECAY_LOW_BITS = 16
-DECAY_HIGH_LEN = 1 << 15  # ages up to 2**31 - 1
+DECAY_HIGH_LEN = 1 << 15  # every int32 age
 
 
 @functools.cache
@@ -55,9 +55,10 @@ def decay_tables(lam: float, device: torch.device) -> tuple[torch.Tensor, torch.
 @triton.jit
 def kth_smallest(key, mask, k):
     """The smallest ``x`` with ``#{mask & key <= x} >= k``, for ``1 <= k <= #mask``
-    (``key`` int64): a bisection over the key range, one count per step, with the
-    common ``k == 1`` (minimum) and ``k == #mask`` (maximum) answered at once."""
-    big = 0x7FFFFFFFFFFFFFFF
+    (``key`` int32 in ``(-2**31, 2**31)``): a bisection over the key range, one count per
+    step, with the common ``k == 1`` (minimum) and ``k == #mask`` (maximum) answered at
+    once."""
+    big = 0x7FFFFFFF
     smallest = tl.min(tl.where(mask, key, big))
     largest = tl.max(tl.where(mask, key, -big))
     n = tl.sum(mask.to(tl.int32))
@@ -125,7 +126,7 @@ def lowest_entries(score, tau, position, candidates, k):
     """
     victim = tl.zeros_like(candidates)
     if k > 0:
-        key = score.to(tl.int32, bitcast=True).to(tl.int64)
+        key = score.to(tl.int32, bitcast=True)
         x = kth_smallest(key, candidates, k)
         below = candidates & (key < x)
         tied = candidates & (key == x)
@@ -178,7 +179,6 @@ def _lrfu_kernel(
     BLOCK_D: tl.constexpr,
     S_PAD: tl.constexpr,
     LOW_BITS: tl.constexpr,
-    HIGH_LEN: tl.constexpr,
     GQA_MAX: tl.constexpr,
     ALL_HITS: tl.constexpr,
     TINY: tl.constexpr,
@@ -188,7 +188,9 @@ def _lrfu_kernel(
     i = bh // num_kv_heads
     h = bh % num_kv_heads
     row = tl.load(rows_ptr + i).to(tl.int64)
-    t = tl.load(step_ptr + row)
+    # Steps and positions are held as int32 (they stay below 2**31): half the registers
+    # of int64, and the whole head's slots live in registers.
+    t = tl.load(step_ptr + row).to(tl.int32)
 
     m_max, total, acc = combine_splits(m_ptr, l_ptr, acc_ptr, bh, num_splits, GP, BLOCK_D)
     store_output(
@@ -202,7 +204,7 @@ def _lrfu_kernel(
     inside = offs < num_slots
     entry = row * stride_er + h * stride_eh + offs * stride_es
     valid = tl.load(valid_ptr + entry, mask=inside, other=0) != 0
-    position = tl.load(position_ptr + entry, mask=inside, other=-1)
+    position = tl.load(position_ptr + entry, mask=inside, other=-1).to(tl.int32)
 
     # This step's probabilities of the head, GQA-reduced (policy.select.gqa_reduce).
     g = tl.arange(0, GP)
@@ -224,9 +226,9 @@ def _lrfu_kernel(
 
     hit = valid if ALL_HITS else top_p_hits(p, valid, position, top_p)
 
-    tau = tl.load(tau_ptr + entry, mask=inside, other=0)
+    tau = tl.load(tau_ptr + entry, mask=inside, other=0).to(tl.int32)
     crf = tl.load(crf_ptr + entry, mask=inside, other=0.0)
-    age = tl.minimum(tl.maximum(t - tau, 0), (HIGH_LEN << LOW_BITS) - 1).to(tl.int32)
+    age = tl.maximum(t - tau, 0)
     decay = tl.load(decay_low_ptr + (age & ((1 << LOW_BITS) - 1)))
     decay = decay * tl.load(decay_high_ptr + (age >> LOW_BITS))
     decayed = crf * decay
@@ -235,7 +237,7 @@ def _lrfu_kernel(
     tau = tl.where(rewarded, t, tau)
     score = tl.where(rewarded, crf, decayed)  # lam**0 == 1
 
-    born = tl.load(born_ptr + entry, mask=inside, other=0)
+    born = tl.load(born_ptr + entry, mask=inside, other=0).to(tl.int32)
     born_now = valid & (born == t)
     budget = tl.load(budget_ptr + i.to(tl.int64) * stride_bb + h * stride_bh)
     keep = tl.maximum(budget, tl.sum(born_now.to(tl.int32)))
@@ -350,11 +352,14 @@ def lrfu_decode_step(
         BLOCK_D=parts.block_d,
         S_PAD=s_pad,
         LOW_BITS=DECAY_LOW_BITS,
-        HIGH_LEN=DECAY_HIGH_LEN,
         GQA_MAX=gqa_max,
         ALL_HITS=top_p >= 1.0,
         TINY=FLOAT32_TINY,
         INTERPRET=INTERPRETED,
-        num_warps=min(16, max(4, s_pad // 256)),
+        # 4 to 8 slots per thread: 2048 slots compile without spills for sm_90, 4096 spill
+        # about 28 registers per thread to local memory (cuobjdump).
+        num_warps=min(16, max(4, s_pad // 128)),
+        # No fused multiply-add: `crf * decay + 1` rounds twice, like the reference.
+        enable_fp_fusion=False,
     )
     return out, evicted

@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,9 +64,15 @@ if RUNS_HERE:
 
 @pytest.mark.skipif(RUNS_HERE, reason="the kernels run in this process")
 def test_kernels_in_child_process() -> None:
+    """Every test of this module that needs the kernels, in Triton's interpreter."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    me = f"{Path(__file__).relative_to(REPO)}::test_kernels_in_child_process"
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--deselect", me]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    here = Path(__file__).relative_to(REPO)
+    for parent_only in (
+        "test_kernels_in_child_process",
+        "test_kernels_compile_for_cuda_without_spilling",
+    ):
+        command += ["--deselect", f"{here}::{parent_only}"]
     command.append(__file__)
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
@@ -89,6 +96,96 @@ def test_kernels_install_as_a_crystal_vllm_subpackage() -> None:
         from crystal_vllm import kernels
 
         assert Path(kernels.__file__).resolve().parent == REPO / "kernels"
+
+
+# -- compiling for a GPU without one ---------------------------------------------------
+
+
+@pytest.mark.skipif(INTERPRETER, reason="needs Triton's compiler, not its interpreter")
+def test_kernels_compile_for_cuda_without_spilling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The interpreter accepts code the GPU compiler rejects (loop-carried types, dot
+    shapes), so every kernel is also compiled ahead of time for sm_90 (H100/H200), each
+    launch of a decode step captured instead of run. The attention and write kernels must
+    not spill registers to local memory (checked with the wheel's ``cuobjdump``)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction, mangle_type
+
+    from crystal_vllm import kernels
+
+    target = GPUTarget("cuda", 90, 32)
+    compiled = {}
+
+    def capture(kernel: JITFunction):
+        def run(*args, grid, warmup, **kwargs):
+            options = {k: kwargs.pop(k) for k in ("num_warps", "enable_fp_fusion") if k in kwargs}
+            bound = dict(zip(kernel.arg_names, args, strict=False)) | kwargs
+            constants = {
+                n: bound[n] for i, n in enumerate(kernel.arg_names) if i in kernel.constexprs
+            }
+            signature = {
+                n: "constexpr" if n in constants else mangle_type(bound[n])
+                for n in kernel.arg_names
+            }
+            source = ASTSource(kernel, signature, constants)
+            compiled[kernel.fn.__name__] = triton.compile(source, target=target, options=options)
+
+        return run
+
+    for module in ("attention", "write_kv", "lrfu"):
+        for value in vars(sys.modules[f"crystal_vllm.kernels.{module}"]).values():
+            if isinstance(value, JITFunction) and value.fn.__name__.endswith("_kernel"):
+                monkeypatch.setattr(value, "run", capture(value))
+
+    b, h, g, d, bs, s = 2, 2, 4, 128, 16, 4096
+    policy = make_policy("crystal-lite")
+    state = policy.init_state(b, 1, h, s)
+    views = {
+        n: getattr(state, n)[:, 0] for n in ("valid", "position", "born", "crf", "tau", "prompt")
+    }
+    views |= {
+        "valid": views["valid"].view(torch.uint8),
+        "prompt": views["prompt"].view(torch.uint8),
+    }
+    views |= {"step": state.step, "positions": torch.zeros(b, dtype=torch.long)}
+    pool = torch.zeros(b * h * s // bs, 2, bs, d, dtype=torch.bfloat16)
+    tables = torch.zeros(b, h, s // bs, dtype=torch.int32)
+    query = torch.zeros(b, h * g, d, dtype=torch.bfloat16)
+    kv = torch.zeros(b, h, d, dtype=torch.bfloat16)
+    errors = kernels.new_errors(torch.device("cpu"))
+    kernels.decode_attention(query, pool, tables, state.valid[:, 0], d**-0.5, errors)
+    slots = torch.zeros(b, h, dtype=torch.long)
+    budgets = torch.ones(b, h, dtype=torch.long)
+    rows = torch.arange(b)
+    kernels.lrfu_decode_step(
+        views,
+        rows,
+        slots,
+        budgets,
+        query,
+        kv,
+        kv,
+        pool,
+        tables,
+        d**-0.5,
+        lam=0.6,
+        top_p=0.9,
+        gqa_max=False,
+        errors=errors,
+    )
+    assert set(compiled) == {"_partial_kernel", "_combine_kernel", "_write_kernel", "_lrfu_kernel"}
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        return
+    for name in ("_partial_kernel", "_combine_kernel", "_write_kernel"):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled[name].asm["cubin"])
+            cubin.flush()
+            usage = subprocess.run(
+                [cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True
+            ).stdout
+        assert "STACK:0 " in usage, f"{name} spills registers: {usage}"
 
 
 # -- random inputs ---------------------------------------------------------------------
