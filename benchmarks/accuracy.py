@@ -25,6 +25,7 @@ import json
 import math
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -106,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="cases, each 'none', POLICY or POLICY:BUDGET (budget = KV entries kept per "
         "layer and KV head, sent as vllm_xargs kv_budget); default: none",
     )
-    parser.add_argument("--dataset", choices=sorted(DATASETS), default="gsm8k", help="problems")
+    parser.add_argument(
+        "--dataset",
+        choices=sorted(DATASETS),
+        default="gsm8k",
+        help="gsm8k (1319 test problems, numeric match; default) or aime2025 (30, integer match)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="number of problems (all)")
     parser.add_argument("--offset", type=int, default=0, help="first problem's index (0)")
     parser.add_argument(
@@ -136,7 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--run-dir",
         type=Path,
         default=DEFAULT_RUN_DIR,
-        help="where the per-case JSONL files (and server logs) go; a rerun resumes from them",
+        help="where the per-case JSONL files go; a rerun resumes from them",
+    )
+    parser.add_argument(
+        "--log-dir",
+        type=Path,
+        default=None,
+        help="--serve: where the server logs go (default: a new temporary folder)",
     )
     parser.add_argument(
         "--request-timeout", type=float, default=3600.0, help="seconds per request (3600)"
@@ -484,6 +496,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         for case in args.cases:
             logs[case] = open_log(case, slug)
+        log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="accuracy-servers-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        env = {"VLLM_LOGGING_CONFIG_PATH": str(logging_config(log_dir / "logging.json"))}
         for policy, cases in group_by_policy(args.cases).items():
             if all(logs[c].done(p.id) for c in cases for p in problems):
                 continue  # resumed: nothing left for this server
@@ -491,9 +506,8 @@ def main(argv: list[str] | None = None) -> None:
             flags = server_args(policy, budget, args)
             if args.model_name:
                 flags += ["--served-model-name", args.model_name]
-            log_path = args.run_dir / f"server_{slug}_{policy}.log"
+            log_path = log_dir / f"server_{slug}_{policy}.log"
             print(f"starting vllm serve {model} {' '.join(flags)} (log: {log_path})", flush=True)
-            env = {"VLLM_LOGGING_CONFIG_PATH": str(logging_config(args.run_dir / "logging.json"))}
             with serve(model, flags, env=env, log_path=log_path, startup_timeout=900) as server:
                 run_all(server.base_url, cases, slug, log_path)
 

@@ -200,6 +200,8 @@ def test_smoke_serves_tiny_model_and_resumes(tmp_path: Path, capsys) -> None:
         "crystal:8",
         "--run-dir",
         str(tmp_path / "runs"),
+        "--log-dir",
+        str(tmp_path / "logs"),
         "--results-dir",
         str(tmp_path / "results"),
     ]
@@ -216,10 +218,10 @@ def test_smoke_serves_tiny_model_and_resumes(tmp_path: Path, capsys) -> None:
         lines = Path(case["run_log"]).read_text().splitlines()
         assert len([line for line in lines if '"id"' in line]) == 2
     assert data["machine"]["cores_usable"] >= 1
-    assert len(list((tmp_path / "runs").glob("server_*.log"))) == 1
+    assert len(list((tmp_path / "logs").glob("server_*.log"))) == 1
     assert list((tmp_path / "results").glob("*_accuracy_gsm8k_tiny.png"))
     capsys.readouterr()
-    (tmp_path / "runs" / "server_tiny_crystal.log").unlink()
+    (tmp_path / "logs" / "server_tiny_crystal.log").unlink()
     main(argv)  # everything is in the run logs: no server starts
     assert "starting vllm serve" not in capsys.readouterr().out
-    assert not (tmp_path / "runs" / "server_tiny_crystal.log").exists()
+    assert not (tmp_path / "logs" / "server_tiny_crystal.log").exists()
