@@ -8,6 +8,7 @@ WORKDIR /opt/crystal-vllm
 COPY pyproject.toml setup.py README.md ./
 COPY crystal_vllm ./crystal_vllm
 COPY csrc ./csrc
+COPY kernels ./kernels
 # vLLM (and its CUDA torch) come from the base image; install only this package, built
 # against that torch (no build isolation) so the C++ CPU kernels compile too.
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . \

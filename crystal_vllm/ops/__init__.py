@@ -9,8 +9,11 @@ by the environment variable ``CRYSTAL_VLLM_OPS``:
 * ``torch``: the plain-torch reference (:mod:`crystal_vllm.ops.torch_ref`);
 * ``cpu``: the C++ kernels (:mod:`crystal_vllm.ops.cpu`, needs the ``crystal_vllm._C``
   extension; without it the name is known but unavailable);
-* ``triton``: the Triton kernels of the repository's ``kernels/`` directory
-  (:mod:`crystal_vllm.ops.triton`; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+* ``triton``: the Triton kernels of the repository's ``kernels/`` directory, installed as
+  ``crystal_vllm.kernels`` (:mod:`crystal_vllm.ops.triton`; CUDA tensors, or CPU tensors
+  under ``TRITON_INTERPRET=1``); ``gather_kv``, ``move_entries`` and ``first_free_slots``
+  are the reference's. Its value checks cost a host sync per op;
+  ``crystal_vllm.ops.triton.set_value_checks(False)`` turns them off.
 
 An implementation is a module that defines every name in ``OPS`` with the signatures
 of :mod:`crystal_vllm.ops.torch_ref`. The variable is read on every call so tests can

@@ -22,6 +22,21 @@ SYMBOLS = [
     ("vllm.utils.argparse_utils", "FlexibleArgumentParser"),
     ("vllm.config", "VllmConfig"),
     ("vllm.logger", "init_logger"),
+    # The CUDA path (crystal_vllm/vllm_ext/*_cuda.py): importable with the CPU wheel too.
+    ("vllm.v1.worker.gpu_worker", "Worker._make_model_runner"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._init_kv_zero_meta"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._zero_block_ids"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._on_request_state_removed"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.get_kv_cache_spec"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.initialize_kv_cache"),
+    ("vllm.v1.attention.backends.triton_attn", "TritonAttentionBackend.get_name"),
+    ("vllm.v1.attention.backends.triton_attn", "TritonAttentionImpl.forward"),
+    ("vllm.config", "CompilationMode"),
+    ("vllm.config", "CUDAGraphMode"),
+    ("vllm.config", "VllmConfig.use_v2_model_runner"),
+    ("vllm.envs", "VLLM_USE_V2_MODEL_RUNNER"),
 ]
 
 
