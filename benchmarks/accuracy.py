@@ -38,43 +38,59 @@ if __package__ in (None, ""):
 
 from benchmarks.common.datasets import Problem, load_aime2025, load_gsm8k  # noqa: E402
 from benchmarks.common.grading import grade  # noqa: E402
+from benchmarks.common.policies import (  # noqa: E402
+    BURST_NOTE,
+    BURST_POLICIES,
+    POLICIES,
+    parse_policy_config,
+)
 from benchmarks.common.prompts import SYSTEM_PROMPT, build_messages  # noqa: E402
 from benchmarks.common.results import RESULTS_DIR, markdown_table, write_results  # noqa: E402
 from benchmarks.common.runlog import RunLog  # noqa: E402
 
 DATASETS = {"gsm8k": load_gsm8k, "aime2025": load_aime2025}
-POLICIES = ("none", "full", "crystal", "crystal-lite", "lru", "streaming", "h2o", "snapkv", "rkv")
 DEFAULT_RUN_DIR = RESULTS_DIR / "accuracy_runs"
 _EVICTIONS_LOG = re.compile(r"crystal-vllm: \d+ running, (\d+) evictions")
 
 
 @dataclass(frozen=True)
 class Case:
-    """One column of the comparison: a policy and the budget each request asks for."""
+    """One column of the comparison: a policy and the budget each request asks for.
+    ``name`` labels a policy run with its own parameters (``--policy-config``)."""
 
     policy: str
     budget: int | None = None
+    name: str | None = None
+
+    @property
+    def series(self) -> str:
+        """The line this case belongs to: its name, else its policy."""
+        return self.name or self.policy
 
     @property
     def label(self) -> str:
-        return self.policy if self.budget is None else f"{self.policy}:{self.budget}"
+        return self.series if self.budget is None else f"{self.series}:{self.budget}"
 
 
 def parse_case(text: str) -> Case:
-    """``none``, ``POLICY`` or ``POLICY:BUDGET`` with a known policy and BUDGET >= 1."""
-    policy, sep, budget = text.partition(":")
+    """``none``, ``[NAME=]POLICY`` or ``[NAME=]POLICY:BUDGET`` with a known policy and
+    BUDGET >= 1."""
+    spec, sep, budget = text.partition(":")
+    name, _, policy = spec.rpartition("=")
     if policy not in POLICIES:
         raise argparse.ArgumentTypeError(
             f"case {text!r}: unknown policy {policy!r}; allowed: {', '.join(POLICIES)}"
         )
+    if policy == "none" and (sep or name):
+        raise argparse.ArgumentTypeError(f"case {text!r}: 'none' takes no name and no budget")
     if not sep:
-        return Case(policy)
-    if policy == "none" or not budget.isdigit() or int(budget) < 1:
+        return Case(policy, name=name or None)
+    if not budget.isdigit() or int(budget) < 1:
         raise argparse.ArgumentTypeError(
-            f"case {text!r} must be 'none', POLICY or POLICY:BUDGET with an integer "
-            "BUDGET >= 1 (e.g. crystal:256)"
+            f"case {text!r} must be 'none', [NAME=]POLICY or [NAME=]POLICY:BUDGET with an "
+            "integer BUDGET >= 1 (e.g. crystal:256)"
         )
-    return Case(policy, int(budget))
+    return Case(policy, int(budget), name or None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,8 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         type=parse_case,
         default=[Case("none")],
-        help="cases, each 'none', POLICY or POLICY:BUDGET (budget = KV entries kept per "
-        "layer and KV head, sent as vllm_xargs kv_budget); default: none",
+        help="cases, each 'none', [NAME=]POLICY or [NAME=]POLICY:BUDGET (budget = KV "
+        "entries kept per layer and KV head, sent as vllm_xargs kv_budget; NAME labels a "
+        "policy with its own --policy-config); default: none",
+    )
+    parser.add_argument(
+        "--policy-config",
+        type=parse_policy_config,
+        default={},
+        help="--serve: parameters per case name (or policy) as JSON, passed as that server's "
+        '--kv-policy-config, e.g. \'{"snapkv-buf8": {"buffer": 8}}\'',
     )
     parser.add_argument(
         "--dataset",
@@ -164,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_log_path(run_dir: Path, dataset: str, model: str, case: Case, max_tokens: int) -> Path:
     """One JSONL per (dataset, model, case, max tokens)."""
     budget = "default" if case.budget is None else str(case.budget)
-    return run_dir / f"{dataset}_{model}_{case.policy}-{budget}_max{max_tokens}.jsonl"
+    return run_dir / f"{dataset}_{model}_{case.series}-{budget}_max{max_tokens}.jsonl"
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -280,8 +304,14 @@ def _model_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name.rstrip("/")).name.removesuffix("-bf16"))
 
 
-def server_args(case_policy: str, budget: int | None, args: argparse.Namespace) -> list[str]:
-    """`vllm serve` flags: identical on every side except the policy and its budget."""
+def server_args(
+    case_policy: str,
+    budget: int | None,
+    args: argparse.Namespace,
+    policy_config: dict[str, Any] | None = None,
+) -> list[str]:
+    """`vllm serve` flags: identical on every side except the policy, its budget and its
+    parameters."""
     max_model_len = args.max_model_len or args.max_tokens + 1024
     flags = [
         "--enforce-eager",
@@ -299,16 +329,19 @@ def server_args(case_policy: str, budget: int | None, args: argparse.Namespace) 
     ]
     if budget is not None:
         flags += ["--kv-budget", str(budget)]
+    if policy_config:
+        flags += ["--kv-policy-config", json.dumps(policy_config)]
     return flags + list(args.server_arg)
 
 
 def group_by_policy(cases: Sequence[Case]) -> dict[str, list[Case]]:
-    """Cases per policy in first-seen order: one server serves all budgets of a policy."""
+    """Cases per series (named policy) in first-seen order: one server serves all budgets
+    of a series."""
     groups: dict[str, list[Case]] = {}
     for case in cases:
-        groups.setdefault(case.policy, [])
-        if case not in groups[case.policy]:
-            groups[case.policy].append(case)
+        groups.setdefault(case.series, [])
+        if case not in groups[case.series]:
+            groups[case.series].append(case)
     return groups
 
 
@@ -370,7 +403,7 @@ def plot(rows: Sequence[dict[str, Any]], title: str) -> Any:
         if row["policy"] == "none":
             ax.axhline(row["accuracy"], color="black", linestyle="--", label="none (full KV)")
         elif row["budget"] is not None:
-            by_policy.setdefault(row["policy"], []).append((row["budget"], row["accuracy"]))
+            by_policy.setdefault(row["series"], []).append((row["budget"], row["accuracy"]))
     for policy, points in by_policy.items():
         points.sort()
         ax.plot([b for b, _ in points], [a for _, a in points], marker="o", label=policy)
@@ -425,6 +458,12 @@ def report(
         "over layers and KV heads) the server's policy evicted while decoding the case "
         "(its stats log line; n/a when not logged); wall s: summed over the invocations "
         "that ran the case's problems (a resumed case adds up)",
+        *(
+            f"- {r['series']}: `{r['policy']}` with `--kv-policy-config "
+            f"'{json.dumps(r['policy_config'])}'`"
+            for r in {r["series"]: r for r in rows if r["policy_config"]}.values()
+        ),
+        *([BURST_NOTE] if any(r["policy"] in BURST_POLICIES for r in rows) else []),
         "",
         table,
     ]
@@ -454,6 +493,8 @@ def main(argv: list[str] | None = None) -> None:
             "temperature": args.temperature,
             "system_prompt": SYSTEM_PROMPT,
         }
+        if args.policy_config.get(case.series):
+            settings["policy_config"] = args.policy_config[case.series]
         path = run_log_path(args.run_dir, args.dataset, slug, case, args.max_tokens)
         return RunLog(path, settings)
 
@@ -499,14 +540,15 @@ def main(argv: list[str] | None = None) -> None:
         log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="accuracy-servers-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         env = {"VLLM_LOGGING_CONFIG_PATH": str(logging_config(log_dir / "logging.json"))}
-        for policy, cases in group_by_policy(args.cases).items():
+        for series, cases in group_by_policy(args.cases).items():
             if all(logs[c].done(p.id) for c in cases for p in problems):
                 continue  # resumed: nothing left for this server
             budget = max((c.budget for c in cases if c.budget is not None), default=None)
-            flags = server_args(policy, budget, args)
+            config = args.policy_config.get(series)
+            flags = server_args(cases[0].policy, budget, args, config)
             if args.model_name:
                 flags += ["--served-model-name", args.model_name]
-            log_path = log_dir / f"server_{slug}_{policy}.log"
+            log_path = log_dir / f"server_{slug}_{series}.log"
             print(f"starting vllm serve {model} {' '.join(flags)} (log: {log_path})", flush=True)
             with serve(model, flags, env=env, log_path=log_path, startup_timeout=900) as server:
                 run_all(server.base_url, cases, slug, log_path)
@@ -521,7 +563,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(
             {
                 "case": case.label,
+                "series": case.series,
                 "policy": case.policy,
+                "policy_config": args.policy_config.get(case.series),
                 "budget": case.budget,
                 **summary,
                 **run_totals(logs[case].runs),

@@ -23,6 +23,9 @@ For every policy and budget:
 Each engine (the reference and one per policy, serving all its budgets at the largest
 through per-request ``kv_budget``) runs in-process in a fresh subprocess with the same
 settings: eager, one dtype, one max-model-len, no prefix caching, no chunked prefill.
+A policy may run under a label with its own parameters: ``--policies snapkv-buf8=snapkv
+--policy-config '{"snapkv-buf8": {"buffer": 8}}'`` (SnapKV and R-KV compress only once a
+head holds ``budget + buffer`` entries, buffer 128 by default).
 
 Example:
     python benchmarks/fidelity.py --model smollm2 --num-prompts 20 --max-tokens 192 \\
@@ -52,10 +55,15 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor  # noqa
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates  # noqa: E402
 
 from benchmarks.common.datasets import load_gsm8k  # noqa: E402
+from benchmarks.common.policies import (  # noqa: E402
+    BURST_NOTE,
+    BURST_POLICIES,
+    POLICIES,
+    parse_policy_config,
+)
 from benchmarks.common.prompts import render_prompt  # noqa: E402
 from benchmarks.common.results import markdown_table, write_results  # noqa: E402
 
-POLICIES = ("full", "crystal", "crystal-lite", "lru", "streaming", "h2o", "snapkv", "rkv")
 #: ``SamplingParams.extra_args`` key that turns teacher forcing on for a request.
 FORCE_KEY = "teacher_forcing"
 
@@ -204,6 +212,8 @@ def _engine(spec: dict[str, Any]):
     additional = {}
     if spec["policy"] != "none":
         additional = {"kv_policy": spec["policy"], "kv_budget": max(spec["budgets"])}
+        if spec.get("policy_config"):
+            additional["kv_policy_config"] = spec["policy_config"]
     return LLM(
         model=spec["model"],
         enforce_eager=True,
@@ -337,6 +347,17 @@ def summarize_policy(
     }
 
 
+def parse_policy(text: str) -> tuple[str, str]:
+    """``POLICY`` or ``LABEL=POLICY`` -> (label, policy)."""
+    label, _, policy = text.rpartition("=")
+    if policy not in POLICIES[1:]:
+        raise argparse.ArgumentTypeError(
+            f"policy {policy!r} in {text!r} is not one to compare with none; allowed: "
+            f"{', '.join(POLICIES[1:])}"
+        )
+    return label or policy, policy
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -347,10 +368,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--policies",
         nargs="+",
-        default=["crystal", "crystal-lite", "streaming", "h2o", "snapkv", "rkv"],
-        choices=POLICIES,
-        metavar="POLICY",
-        help=f"policies compared with none (choices: {', '.join(POLICIES)})",
+        type=parse_policy,
+        default=[(p, p) for p in ("crystal", "crystal-lite", "streaming", "h2o", "snapkv", "rkv")],
+        metavar="[LABEL=]POLICY",
+        help=f"policies compared with none, each POLICY or LABEL=POLICY (policies: "
+        f"{', '.join(POLICIES[1:])}; default: crystal crystal-lite streaming h2o snapkv rkv)",
+    )
+    parser.add_argument(
+        "--policy-config",
+        type=parse_policy_config,
+        default={},
+        help='parameters per policy label as JSON, e.g. \'{"snapkv-buf8": {"buffer": 8}}\' '
+        "(the --kv-policy-config of that engine)",
     )
     parser.add_argument(
         "--budgets",
@@ -376,6 +405,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results-dir", type=Path, default=None, help="where results go")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    labels = [label for label, _ in args.policies]
+    if len(set(labels)) != len(labels):
+        parser.error(f"--policies: a label appears twice in {labels}")
+    unknown = sorted(set(args.policy_config) - set(labels))
+    if unknown:
+        parser.error(f"--policy-config names {unknown}, which --policies lacks ({labels})")
     for flag, value in (
         ("--num-prompts", args.num_prompts),
         ("--max-tokens", args.max_tokens),
@@ -403,6 +438,21 @@ def _run_worker(spec: dict[str, Any], out: Path) -> dict[str, Any]:
             f"{spec['policy']} engine failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
         )
     return json.loads(out.read_text())
+
+
+def policy_notes(
+    policies: Sequence[tuple[str, str]], configs: dict[str, dict[str, Any]]
+) -> list[str]:
+    """Markdown lines that say how far a policy may exceed its budget, and which labels
+    run with their own parameters."""
+    notes = [
+        f"- {label}: `{policy}` with `--kv-policy-config '{json.dumps(configs[label])}'`"
+        for label, policy in policies
+        if configs.get(label)
+    ]
+    if any(policy in BURST_POLICIES for _, policy in policies):
+        notes.append(BURST_NOTE)
+    return notes
 
 
 def plot(rows: Sequence[dict[str, Any]], title: str) -> Any:
@@ -470,14 +520,22 @@ def main(argv: list[str] | None = None) -> None:
         bar.set_postfix_str("none")
         references = _run_worker({**base, "policy": "none"}, ref_path)["references"]
         bar.update()
-        for policy in args.policies:
-            bar.set_postfix_str(policy)
-            spec = {**base, "policy": policy, "reference_path": str(ref_path)}
-            result = _run_worker(spec, Path(tmp) / f"{policy}.json")
+        for label, policy in args.policies:
+            bar.set_postfix_str(label)
+            config = args.policy_config.get(label, {})
+            spec = {
+                **base,
+                "policy": policy,
+                "policy_config": config,
+                "reference_path": str(ref_path),
+            }
+            result = _run_worker(spec, Path(tmp) / f"{label}.json")
             for budget, runs in sorted(result["per_budget"].items(), key=lambda kv: int(kv[0])):
                 rows.append(
                     {
-                        "policy": policy,
+                        "policy": label,
+                        "kv_policy": policy,
+                        "policy_config": config,
                         "budget": int(budget),
                         **summarize_policy(references, runs),
                         "evictions": result["evictions"],
@@ -551,6 +609,7 @@ def main(argv: list[str] | None = None) -> None:
             f"the none side's top-{args.top_k} tokens plus one bucket for the rest (a lower "
             "bound of the full KL), from raw float32 logits",
             "- evictions: the engine's count over all its requests (both budgets, both modes)",
+            *policy_notes(args.policies, args.policy_config),
             "",
             table,
         ]

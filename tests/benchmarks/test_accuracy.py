@@ -20,10 +20,12 @@ from benchmarks.accuracy import (
     run_case,
     run_log_path,
     run_totals,
+    server_args,
     summarize,
 )
 from benchmarks.common.datasets import Problem
 from benchmarks.common.grading import grade, is_integer_match
+from benchmarks.common.policies import parse_policy_config
 from benchmarks.common.runlog import RunLog
 
 
@@ -32,9 +34,39 @@ def test_parse_case() -> None:
     assert parse_case("crystal:128") == Case("crystal", 128)
     assert parse_case("h2o") == Case("h2o")
     assert parse_case("crystal-lite:8").label == "crystal-lite:8"
-    for bad in ("crystal:0", "crystal:-3", "crystal:x", "none:64", "bogus:64"):
+    named = parse_case("snapkv-buf8=snapkv:64")
+    assert named == Case("snapkv", 64, "snapkv-buf8")
+    assert (named.series, named.label) == ("snapkv-buf8", "snapkv-buf8:64")
+    for bad in ("crystal:0", "crystal:-3", "crystal:x", "none:64", "bogus:64", "x=none", "a=b:4"):
         with pytest.raises(argparse.ArgumentTypeError, match=bad.split(":")[0]):
             parse_case(bad)
+
+
+def test_parse_policy_config() -> None:
+    assert parse_policy_config('{"snapkv-buf8": {"buffer": 8}}') == {"snapkv-buf8": {"buffer": 8}}
+    for bad in ("{", '{"snapkv": 8}', "[1]"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--policy-config"):
+            parse_policy_config(bad)
+
+
+def test_server_flags_differ_only_in_policy_budget_and_parameters() -> None:
+    args = argparse.Namespace(
+        max_model_len=None, max_tokens=512, dtype="bfloat16", concurrency=16, server_arg=["-x"]
+    )
+    none = server_args("none", None, args)
+    named = server_args("snapkv", 128, args, {"buffer": 8})
+    assert none[: none.index("--kv-policy")] == named[: named.index("--kv-policy")]
+    assert "--no-enable-prefix-caching" in none and "--enforce-eager" in none
+    assert none[none.index("--max-model-len") + 1] == "1536"
+    assert named[named.index("--kv-policy") :] == [
+        "--kv-policy",
+        "snapkv",
+        "--kv-budget",
+        "128",
+        "--kv-policy-config",
+        '{"buffer": 8}',
+        "-x",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -117,11 +149,18 @@ def test_run_totals_add_up_resumed_invocations() -> None:
 
 
 def test_cases_group_by_policy_and_name_their_logs(tmp_path: Path) -> None:
-    cases = [Case("none"), Case("h2o", 64), Case("crystal", 64), Case("h2o", 128)]
+    cases = [
+        Case("none"),
+        Case("h2o", 64),
+        Case("crystal", 64),
+        Case("h2o", 128),
+        Case("h2o", 64, "h2o-b"),
+    ]
     assert group_by_policy(cases) == {
         "none": [Case("none")],
         "h2o": [Case("h2o", 64), Case("h2o", 128)],
         "crystal": [Case("crystal", 64)],
+        "h2o-b": [Case("h2o", 64, "h2o-b")],
     }
     paths = {run_log_path(tmp_path, "gsm8k", "m", c, 512) for c in cases}
     assert len(paths) == len(cases)

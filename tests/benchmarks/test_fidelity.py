@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +18,8 @@ from benchmarks.fidelity import (
     divergence_summary,
     first_divergence,
     main,
+    parse_policy,
+    policy_notes,
     summarize_policy,
 )
 
@@ -114,6 +117,18 @@ def test_summarize_policy_pools_every_step() -> None:
     assert summary["top1_agreement"] == pytest.approx(2 / 3)
     assert summary["logprob_gap_mean"] == pytest.approx((0.0 + 1.0 + 0.3) / 3)
     assert summary["kl_topk_mean"] == pytest.approx(0.2)
+
+
+def test_policy_labels_and_notes() -> None:
+    assert parse_policy("h2o") == ("h2o", "h2o")
+    assert parse_policy("rkv-buf8=rkv") == ("rkv-buf8", "rkv")
+    for bad in ("none", "x=none", "bogus"):
+        with pytest.raises(argparse.ArgumentTypeError, match="not one to compare"):
+            parse_policy(bad)
+    notes = policy_notes([("h2o", "h2o"), ("rkv-buf8", "rkv")], {"rkv-buf8": {"buffer": 8}})
+    assert notes[0] == "- rkv-buf8: `rkv` with `--kv-policy-config '{\"buffer\": 8}'`"
+    assert "budget + `buffer`" in notes[1]
+    assert policy_notes([("h2o", "h2o")], {}) == []
 
 
 @pytest.mark.slow
