@@ -62,6 +62,9 @@ from benchmarks.common.results import markdown_table, write_results  # noqa: E40
 
 #: Policies that keep every entry: they must not evict.
 NON_EVICTING = ("none", "full")
+#: How long a server may take to start: three processes import vLLM, which took over the
+#: default 300 s on a 2-core machine shared with other jobs.
+SERVER_STARTUP_S = 900.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,7 +269,10 @@ def run_http_case(
     with tempfile.TemporaryDirectory(prefix="throughput-http-") as tmp:
         log_config = logging_config_file(Path(tmp) / "logging.json")
         env = {"VLLM_LOGGING_CONFIG_PATH": str(log_config)}
-        with serve(spec["model"], flags, env=env, log_path=Path(tmp) / "server.log") as server:
+        log_path = Path(tmp) / "server.log"
+        with serve(
+            spec["model"], flags, env=env, log_path=log_path, startup_timeout=SERVER_STARTUP_S
+        ) as server:
             blocks = server_num_blocks(_get(f"{server.base_url}/metrics"))
             if blocks != spec["num_blocks"]:
                 raise SystemExit(

@@ -2,8 +2,8 @@
 
 Clients stream from ``/v1/completions`` with token-id prompts, ``ignore_eos`` and
 ``return_token_ids`` (so every chunk says how many tokens it carries), and time each
-request from the stream. Meanwhile ``/metrics`` is polled for vLLM's running/waiting
-gauges and KV block usage. The KV policy's own counters (evictions, head-blocks in use)
+request from the stream. Meanwhile ``/metrics`` is polled for vLLM's running-requests
+gauge and KV block usage. The KV policy's own counters (evictions, head-blocks in use)
 are not on ``/metrics``; the server logs them every few seconds, which is read here once
 the server is given a logging configuration that shows crystal_vllm's logger.
 """
@@ -23,7 +23,6 @@ from pathlib import Path
 from benchmarks.common.engine_runs import RequestTiming
 
 RUNNING = "vllm:num_requests_running"
-WAITING = "vllm:num_requests_waiting"
 KV_USAGE = "vllm:kv_cache_usage_perc"
 CACHE_INFO = "vllm:cache_config_info"
 
@@ -53,18 +52,17 @@ class ServerGauges:
     """One reading of vLLM's scheduler gauges (summed over engines)."""
 
     running: float
-    waiting: float
     kv_usage: float  # fraction of the usable KV blocks in use
 
     @classmethod
     def parse(cls, text: str) -> ServerGauges:
         values = {}
-        for name in (RUNNING, WAITING, KV_USAGE):
+        for name in (RUNNING, KV_USAGE):
             samples = metric_samples(text, name)
             if not samples:
                 raise ValueError(f"the server's /metrics has no {name}")
             values[name] = sum(value for _, value in samples)
-        return cls(running=values[RUNNING], waiting=values[WAITING], kv_usage=values[KV_USAGE])
+        return cls(running=values[RUNNING], kv_usage=values[KV_USAGE])
 
 
 def server_num_blocks(text: str) -> int | None:
