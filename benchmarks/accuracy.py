@@ -366,7 +366,7 @@ def logging_config(path: Path) -> Path:
 def flush_stats(client: Any, model_name: str) -> None:
     """Get the policy's counters logged now: the runner logs them on a step at most every
     ``STATS_LOG_INTERVAL_S``, so wait that long and make one one-token step."""
-    from crystal_vllm.vllm_ext.model_runner import STATS_LOG_INTERVAL_S
+    from crystal_vllm.vllm_ext.runner_mixin import STATS_LOG_INTERVAL_S
 
     time.sleep(STATS_LOG_INTERVAL_S + 0.5)
     client.chat.completions.create(

@@ -260,7 +260,7 @@ def run_http_case(
         server_num_blocks,
     )
     from crystal_vllm.serving import serve
-    from crystal_vllm.vllm_ext.model_runner import STATS_LOG_INTERVAL_S
+    from crystal_vllm.vllm_ext.runner_mixin import STATS_LOG_INTERVAL_S
 
     flags = cli_flags(spec["engine"]) + ["--num-gpu-blocks-override", str(spec["num_blocks"])]
     flags += ["--kv-policy", spec["policy"]]

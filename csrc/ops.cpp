@@ -94,6 +94,32 @@ void check_pool(const at::Tensor& kv_pool, const char* op) {
   TORCH_CHECK_VALUE(kv_pool.stride(3) == 1, op, ": kv_pool's last dimension must be contiguous");
 }
 
+// The DecodeArgs fields both decode ops share: query, pool, outputs and sizes. The caller
+// sets where the block tables and valid masks are (rows, tables, valid and their strides).
+DecodeArgs decode_args(const at::Tensor& q, const at::Tensor& kv_pool, at::Tensor& out,
+                       at::Tensor& probs, int64_t num_kv_heads, int64_t max_blocks,
+                       int64_t num_slots, double scale) {
+  DecodeArgs args{};
+  args.query = q.data_ptr<float>();
+  args.kv_pool = kv_pool.data_ptr();
+  args.pool_stride_block = kv_pool.stride(0);
+  args.pool_stride_kv = kv_pool.stride(1);
+  args.pool_stride_row = kv_pool.stride(2);
+  args.out = out.data_ptr<float>();
+  args.probs = probs.data_ptr<float>();
+  args.num_head_blocks = kv_pool.size(0);
+  args.num_kv_heads = num_kv_heads;
+  args.group = q.size(1) / num_kv_heads;
+  args.head_dim = q.size(2);
+  args.block_size = kv_pool.size(2);
+  args.max_blocks = max_blocks;
+  args.num_slots = num_slots;
+  args.slot_stride = num_slots;
+  args.scale = static_cast<float>(scale);
+  args.kv_dtype = kv_dtype_of(kv_pool);
+  return args;
+}
+
 std::tuple<at::Tensor, at::Tensor> paged_decode_attention(const at::Tensor& query,
                                                           const at::Tensor& kv_pool,
                                                           const at::Tensor& block_tables,
@@ -127,29 +153,12 @@ std::tuple<at::Tensor, at::Tensor> paged_decode_attention(const at::Tensor& quer
   at::Tensor out = at::empty({b, hq, d}, query.options().dtype(at::kFloat));
   at::Tensor probs = at::empty({b, hq, s}, query.options().dtype(at::kFloat));
 
-  DecodeArgs args{};
-  args.query = q.data_ptr<float>();
-  args.kv_pool = kv_pool.data_ptr();
-  args.pool_stride_block = kv_pool.stride(0);
-  args.pool_stride_kv = kv_pool.stride(1);
-  args.pool_stride_row = kv_pool.stride(2);
+  DecodeArgs args = decode_args(q, kv_pool, out, probs, h, mb, s, scale);
   args.rows = nullptr;
   args.tables = tables.data_ptr<int32_t>();
   args.table_stride_row = h * mb;
   args.valid = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
   args.valid_stride_row = h * s;
-  args.out = out.data_ptr<float>();
-  args.probs = probs.data_ptr<float>();
-  args.num_head_blocks = kv_pool.size(0);
-  args.num_kv_heads = h;
-  args.group = hq / h;
-  args.head_dim = d;
-  args.block_size = bs;
-  args.max_blocks = mb;
-  args.num_slots = s;
-  args.slot_stride = s;
-  args.scale = static_cast<float>(scale);
-  args.kv_dtype = kv_dtype_of(kv_pool);
 
   const DecodeKernel kernel = pick_kernel(d);
   std::atomic<int> status{0};
@@ -308,29 +317,12 @@ std::tuple<at::Tensor, at::Tensor> lrfu_decode(
   at::Tensor evicted = at::zeros({b, h}, query.options().dtype(at::kInt));
 
   const int64_t state_offset = layer * h * S, state_stride_row = L * h * S;
-  DecodeArgs args{};
-  args.query = q.data_ptr<float>();
-  args.kv_pool = kv_pool.data_ptr();
-  args.pool_stride_block = kv_pool.stride(0);
-  args.pool_stride_kv = kv_pool.stride(1);
-  args.pool_stride_row = kv_pool.stride(2);
+  DecodeArgs args = decode_args(q, kv_pool, out, probs, h, mb, S, scale);
   args.rows = row_ptr;
   args.tables = table_base;
   args.table_stride_row = table_stride_row;
   args.valid = reinterpret_cast<const uint8_t*>(valid.data_ptr<bool>()) + state_offset;
   args.valid_stride_row = state_stride_row;
-  args.out = out.data_ptr<float>();
-  args.probs = probs.data_ptr<float>();
-  args.num_head_blocks = kv_pool.size(0);
-  args.num_kv_heads = h;
-  args.group = hq / h;
-  args.head_dim = d;
-  args.block_size = bs;
-  args.max_blocks = mb;
-  args.num_slots = S;
-  args.slot_stride = S;
-  args.scale = static_cast<float>(scale);
-  args.kv_dtype = kv_dtype_of(kv_pool);
 
   LrfuArgs lrfu{};
   lrfu.valid = reinterpret_cast<uint8_t*>(valid.data_ptr<bool>()) + state_offset;

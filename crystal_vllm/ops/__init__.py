@@ -65,6 +65,14 @@ def _load(name: str) -> ModuleType | None:
     return _loaded[name]
 
 
+def fused_lrfu_supported(policy: LRFUPolicy) -> bool:
+    """Whether the compiled fused LRFU kernels implement this policy's configuration: the
+    served one (no prompt protection, hits recorded before a head is full; the server
+    refuses the others). Other configurations run torch_ref.lrfu_decode_layer."""
+    config = policy.config
+    return not config.protect_prompt and config.hits_before_full
+
+
 def available() -> list[str]:
     """Names of the implementations that can be used in this process."""
     return [name for name in _REGISTRY if _load(name) is not None]
@@ -181,6 +189,7 @@ __all__ = [
     "available",
     "gather_kv",
     "first_free_slots",
+    "fused_lrfu_supported",
     "get_impl",
     "lrfu_decode_layer",
     "move_entries",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from crystal_vllm.ops import torch_ref
+from crystal_vllm.ops import fused_lrfu_supported, torch_ref
 from crystal_vllm.policy.lrfu import LRFUPolicy, LRFUState
 
 try:
@@ -117,12 +117,9 @@ def first_free_slots(valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 def _fused_lrfu_applies(policy: LRFUPolicy, state: LRFUState, kv_pool: torch.Tensor) -> bool:
     """The kernel implements the served configuration (no prompt protection, hits before
     the cache is full) on CPU tensors laid out as the policy library allocates them."""
-    config = policy.config
     return (
         _kernel_applies(kv_pool)
-        and not config.protect_prompt
-        and config.hits_before_full
-        and config.gqa_reduce in ("mean", "max")
+        and fused_lrfu_supported(policy)
         and all(getattr(state, name).is_contiguous() for name in _LRFU_FIELDS)
     )
 

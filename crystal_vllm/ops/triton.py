@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from crystal_vllm.ops import torch_ref
+from crystal_vllm.ops import fused_lrfu_supported, torch_ref
 from crystal_vllm.policy.lrfu import LRFUPolicy, LRFUState
 
 try:
@@ -240,8 +240,7 @@ def _fused_lrfu_applies(
     server refuses, the state's usual dtypes and one stride pattern for all its fields."""
     if not isinstance(policy, LRFUPolicy) or not isinstance(state, LRFUState):
         return False
-    config = policy.config
-    if config.protect_prompt or not config.hits_before_full:
+    if not fused_lrfu_supported(policy):
         return False
     fields = [getattr(state, name) for name in _STATE_DTYPES]
     if any(getattr(state, n).dtype != dt for n, dt in _STATE_DTYPES.items()):

@@ -7,9 +7,7 @@ import torch
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from crystal_vllm.vllm_ext.runner_mixin import STATS_LOG_INTERVAL_S, CrystalRunnerMixin
-
-__all__ = ["STATS_LOG_INTERVAL_S", "CrystalCPUModelRunner", "CrystalCPUWorker"]
+from crystal_vllm.vllm_ext.runner_mixin import CrystalRunnerMixin
 
 
 class CrystalCPUModelRunner(CrystalRunnerMixin, CPUModelRunner):
