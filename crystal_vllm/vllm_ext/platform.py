@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 from vllm.logger import init_logger
 from vllm.platforms.cpu import CpuPlatform
@@ -20,6 +20,7 @@ from crystal_vllm.config import (
     DEFAULT_BUDGET,
     NO_POLICY,
     NO_THINK_TOKEN,
+    SERVING_KEYS,
     CrystalKVConfig,
     parse_policy_config,
     policy_names,
@@ -57,6 +58,21 @@ class _StoreForAdditionalConfig(argparse.Action):
         _cli_values[self.dest] = values
 
 
+def policy_config_keys_help() -> str:
+    """The keys ``--kv-policy-config`` accepts, by policy, read from the policy configs (so
+    the help cannot fall behind them); policies with the same keys share one entry."""
+    from crystal_vllm.policy import POLICY_NAMES, policy_param_names
+
+    by_keys: dict[tuple[str, ...], list[str]] = {}
+    for name in POLICY_NAMES:
+        by_keys.setdefault(tuple(sorted(policy_param_names(name))), []).append(name)
+    entries = [
+        f"{', '.join(names)}: {', '.join(keys) if keys else 'none'}"
+        for keys, names in by_keys.items()
+    ]
+    return f"Keys by policy: {'; '.join(entries)}. Any policy: {', '.join(SERVING_KEYS)}."
+
+
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     """Add the crystal-vllm flags to ``vllm serve`` (idempotent: vLLM calls it repeatedly)."""
     if any("--kv-policy" in action.option_strings for action in parser._actions):
@@ -92,9 +108,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="JSON object with the policy's other parameters, e.g. "
         '\'{"top_p": 0.9, "lam": 0.6, "realloc_interval": 64}\'. Unknown keys are '
-        "rejected. Keys: top_p, lam, gqa_reduce, realloc_interval, floor_ratio, "
-        "min_tokens, obs_window, protect_prompt, sinks, buffer, window, kernel (as the "
-        "policy uses them), think_end_token, debug_checks.",
+        f"rejected. {policy_config_keys_help()}",
     )
 
 
@@ -180,10 +194,6 @@ def _unsupported_policy_options(config: CrystalKVConfig) -> list[str]:
 class CrystalPlatformMixin:
     """Adds crystal-vllm to whichever built-in platform class it is mixed into."""
 
-    #: Policies this platform can serve. Anything else refuses to start rather than
-    #: silently serving full KV under another name.
-    servable_policies: ClassVar[frozenset[str]] = frozenset()
-
     @classmethod
     def pre_register_and_update(cls, parser=None) -> None:
         super().pre_register_and_update(parser)
@@ -195,12 +205,6 @@ class CrystalPlatformMixin:
         merged = merge_cli_values(dict(vllm_config.additional_config or {}))
         config = CrystalKVConfig.from_additional_config(merged)
         if config.enabled:
-            if config.policy not in cls.servable_policies:
-                raise ValueError(
-                    f"--kv-policy {config.policy!r} is not available yet on the "
-                    f"{cls.device_name} platform: its per-head eviction path has not landed. "
-                    "Use --kv-policy none."
-                )
             reasons = _unsupported_reasons(vllm_config) + _unsupported_policy_options(config)
             if reasons:
                 raise ValueError(
@@ -274,7 +278,3 @@ class CrystalPlatformMixin:
 
 class CrystalCpuPlatform(CrystalPlatformMixin, CpuPlatform):
     """vLLM's CPU platform plus crystal-vllm."""
-
-    servable_policies = frozenset(
-        ("full", "crystal", "crystal-lite", "lru", "streaming", "h2o", "snapkv", "rkv")
-    )

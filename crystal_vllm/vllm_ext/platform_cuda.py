@@ -17,7 +17,6 @@ Untested end to end: this project's CI machines have no GPU and no CUDA vLLM whe
 from __future__ import annotations
 
 import os
-from typing import ClassVar
 
 from vllm.config import CompilationMode, CUDAGraphMode
 from vllm.logger import init_logger
@@ -58,13 +57,11 @@ def require_v1_model_runner() -> None:
 
 
 class CrystalCudaPlatform(CrystalPlatformMixin, CudaPlatform):
-    """vLLM's CUDA platform plus crystal-vllm."""
+    """vLLM's CUDA platform plus crystal-vllm.
 
-    # Every policy: the runtime is device-agnostic torch, and its ops run as Triton
-    # kernels here (the LRFU family fused; the others through the attention kernel).
-    servable_policies: ClassVar[frozenset[str]] = frozenset(
-        ("full", "crystal", "crystal-lite", "lru", "streaming", "h2o", "snapkv", "rkv")
-    )
+    It serves every policy, as the CPU platform does: the runtime is device-agnostic torch,
+    and its ops run as Triton kernels here (the LRFU family fused; the others through the
+    attention kernel)."""
 
     @classmethod
     def _configure_for_compression(cls, vllm_config) -> None:

@@ -36,8 +36,17 @@ from crystal_vllm.vllm_ext import (  # noqa: E402
 )
 from crystal_vllm.vllm_ext import platform as crystal_platform  # noqa: E402
 
-#: Methods of the runner that are crystal-vllm's own (not overrides of vLLM's).
-OWN_METHODS = {"crystal_begin_step", "_cap_blocks", "_request_budget", "_maybe_log_stats"}
+#: Methods of the runner that are crystal-vllm's own (not overrides of vLLM's); the same
+#: list as RUNNER_OWN in test_host_contract.py, which checks every crystal-vllm subclass.
+OWN_METHODS = {
+    "crystal_begin_step",
+    "crystal_kv_summary",
+    "_cap_blocks",
+    "_crystal_builders",
+    "_maybe_log_stats",
+    "_request_budget",
+    "_scheduled_requests",
+}
 
 
 def _parameters(function) -> list[str]:
@@ -150,7 +159,6 @@ def test_qualnames_resolve(platform_cuda) -> None:
 
 def test_compression_selects_the_cuda_worker_eager_and_v1(platform_cuda, tiny_model) -> None:
     cls = platform_cuda.CrystalCudaPlatform
-    assert cls.servable_policies == crystal_platform.CrystalCpuPlatform.servable_policies
     config = _config(tiny_model, kv_policy="crystal", kv_budget=64)
     cls._configure_for_compression(config)
     assert config.parallel_config.worker_cls == platform_cuda.CUDA_WORKER_CLS

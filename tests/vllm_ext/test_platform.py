@@ -54,6 +54,28 @@ def test_policy_config_flag_is_parsed_as_json() -> None:
     assert crystal_platform.merge_cli_values({}) == {"kv_policy_config": {"lam": 0.5}}
 
 
+def test_policy_config_help_lists_every_accepted_key() -> None:
+    """The help is generated from the policy configs, so it names exactly the keys each
+    policy accepts, plus the serving keys."""
+    from crystal_vllm.config import SERVING_KEYS
+    from crystal_vllm.policy import POLICY_NAMES, policy_param_names
+
+    parser = FlexibleArgumentParser()
+    crystal_platform.add_cli_args(parser)
+    (action,) = [a for a in parser._actions if "--kv-policy-config" in a.option_strings]
+    by_policy, _, serving = action.help.partition("Keys by policy: ")[2].partition(". Any policy: ")
+    assert serving.rstrip(".").split(", ") == list(SERVING_KEYS)
+    listed = {}
+    for entry in by_policy.split("; "):
+        names, _, keys = entry.partition(": ")
+        for name in names.split(", "):
+            listed[name] = set() if keys == "none" else set(keys.split(", "))
+    assert listed == {name: policy_param_names(name) for name in POLICY_NAMES}
+    assert "hits_before_full" in listed["crystal"]
+    assert "%" not in action.help  # argparse %-formats help strings
+    parser.format_help()
+
+
 def _engine_config(model, **additional):
     return EngineArgs(
         model=str(model), enforce_eager=True, max_model_len=512, additional_config=additional
