@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import json
 import math
 import re
 import sys
@@ -29,76 +27,28 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import cli  # noqa: E402
+from benchmarks.common import policies as pol  # noqa: E402
+from benchmarks.common import server as srv  # noqa: E402
 from benchmarks.common.datasets import Problem, load_aime2025, load_gsm8k  # noqa: E402
 from benchmarks.common.grading import grade  # noqa: E402
-from benchmarks.common.policies import (  # noqa: E402
-    BURST_NOTE,
-    BURST_POLICIES,
-    POLICIES,
-    parse_policy_config,
-)
+from benchmarks.common.policies import Case, parse_case  # noqa: E402
 from benchmarks.common.prompts import SYSTEM_PROMPT, build_messages  # noqa: E402
-from benchmarks.common.results import RESULTS_DIR, markdown_table, write_results  # noqa: E402
+from benchmarks.common.results import RESULTS_DIR, record_table  # noqa: E402
 from benchmarks.common.runlog import RunLog  # noqa: E402
 
 DATASETS = {"gsm8k": load_gsm8k, "aime2025": load_aime2025}
 DEFAULT_RUN_DIR = RESULTS_DIR / "accuracy_runs"
-_EVICTIONS_LOG = re.compile(r"crystal-vllm: \d+ running, (\d+) evictions")
-
-
-@dataclass(frozen=True)
-class Case:
-    """One column of the comparison: a policy and the budget each request asks for.
-    ``name`` labels a policy run with its own parameters (``--policy-config``)."""
-
-    policy: str
-    budget: int | None = None
-    name: str | None = None
-
-    @property
-    def series(self) -> str:
-        """The line this case belongs to: its name, else its policy."""
-        return self.name or self.policy
-
-    @property
-    def label(self) -> str:
-        return self.series if self.budget is None else f"{self.series}:{self.budget}"
-
-
-def parse_case(text: str) -> Case:
-    """``none``, ``[NAME=]POLICY`` or ``[NAME=]POLICY:BUDGET`` with a known policy and
-    BUDGET >= 1."""
-    spec, sep, budget = text.partition(":")
-    name, _, policy = spec.rpartition("=")
-    if policy not in POLICIES:
-        raise argparse.ArgumentTypeError(
-            f"case {text!r}: unknown policy {policy!r}; allowed: {', '.join(POLICIES)}"
-        )
-    if policy == "none" and (sep or name):
-        raise argparse.ArgumentTypeError(f"case {text!r}: 'none' takes no name and no budget")
-    if not sep:
-        return Case(policy, name=name or None)
-    if not budget.isdigit() or int(budget) < 1:
-        raise argparse.ArgumentTypeError(
-            f"case {text!r} must be 'none', [NAME=]POLICY or [NAME=]POLICY:BUDGET with an "
-            "integer BUDGET >= 1 (e.g. crystal:256)"
-        )
-    return Case(policy, int(budget), name or None)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.script_parser(__doc__)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument(
         "--base-url",
@@ -124,13 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "entries kept per layer and KV head, sent as vllm_xargs kv_budget; NAME labels a "
         "policy with its own --policy-config); default: none",
     )
-    parser.add_argument(
-        "--policy-config",
-        type=parse_policy_config,
-        default={},
-        help="--serve: parameters per case name (or policy) as JSON, passed as that server's "
-        '--kv-policy-config, e.g. \'{"snapkv-buf8": {"buffer": 8}}\'',
-    )
+    pol.add_policy_config_arg(parser, "--serve: ")
     parser.add_argument(
         "--dataset",
         choices=sorted(DATASETS),
@@ -177,8 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--request-timeout", type=float, default=3600.0, help="seconds per request (3600)"
     )
-    parser.add_argument("--name", default=None, help="result file name (accuracy_DATASET_MODEL)")
-    parser.add_argument("--results-dir", type=Path, default=None, help="where results go")
+    cli.add_output_args(parser, "accuracy_DATASET_MODEL")
     return parser
 
 
@@ -324,14 +267,8 @@ def server_args(
         "0",
         "--max-num-seqs",
         str(max(args.concurrency, 1)),
-        "--kv-policy",
-        case_policy,
     ]
-    if budget is not None:
-        flags += ["--kv-budget", str(budget)]
-    if policy_config:
-        flags += ["--kv-policy-config", json.dumps(policy_config)]
-    return flags + list(args.server_arg)
+    return flags + srv.policy_flags(case_policy, budget, policy_config) + args.server_arg
 
 
 def group_by_policy(cases: Sequence[Case]) -> dict[str, list[Case]]:
@@ -343,35 +280,6 @@ def group_by_policy(cases: Sequence[Case]) -> dict[str, list[Case]]:
         if case not in groups[case.series]:
             groups[case.series].append(case)
     return groups
-
-
-def evictions_logged(log_path: Path) -> int | None:
-    """Evictions in the server's last periodic stats line, if any."""
-    matches = _EVICTIONS_LOG.findall(log_path.read_text(errors="replace"))
-    return int(matches[-1]) if matches else None
-
-
-def logging_config(path: Path) -> Path:
-    """vLLM's logging configuration plus the ``crystal_vllm`` logger (whose periodic stats
-    line counts evictions) on vLLM's handler; vLLM shows only its own loggers otherwise.
-    Pass it as ``VLLM_LOGGING_CONFIG_PATH``."""
-    from vllm.logger import DEFAULT_LOGGING_CONFIG
-
-    config = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
-    config["loggers"]["crystal_vllm"] = {"handlers": ["vllm"], "level": "INFO", "propagate": False}
-    path.write_text(json.dumps(config, indent=1))
-    return path
-
-
-def flush_stats(client: Any, model_name: str) -> None:
-    """Get the policy's counters logged now: the runner logs them on a step at most every
-    ``STATS_LOG_INTERVAL_S``, so wait that long and make one one-token step."""
-    from crystal_vllm.vllm_ext.runner_mixin import STATS_LOG_INTERVAL_S
-
-    time.sleep(STATS_LOG_INTERVAL_S + 0.5)
-    client.chat.completions.create(
-        model=model_name, messages=[{"role": "user", "content": "1"}], max_tokens=1
-    )
 
 
 @contextlib.contextmanager
@@ -390,28 +298,19 @@ def _openai_client(base_url: str, timeout: float) -> Iterator[Any]:
 # -- results ------------------------------------------------------------------------------
 
 
-def plot(rows: Sequence[dict[str, Any]], title: str) -> Any:
+def plot(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> Any:
     """Accuracy vs budget, one line per policy, a horizontal line for ``none``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    by_policy: dict[str, list[tuple[int, float]]] = {}
+    title = (
+        f"{settings['model']} on {settings['dataset']}: {settings['problems']} problems, "
+        f"max {settings['max_tokens']} tokens, T={settings['temperature']}"
+    )
+    fig, ax = cli.subplots(title, figsize=(7, 4.5))
     for row in rows:
         if row["policy"] == "none":
             ax.axhline(row["accuracy"], color="black", linestyle="--", label="none (full KV)")
-        elif row["budget"] is not None:
-            by_policy.setdefault(row["series"], []).append((row["budget"], row["accuracy"]))
-    for policy, points in by_policy.items():
-        points.sort()
-        ax.plot([b for b, _ in points], [a for _, a in points], marker="o", label=policy)
-    ax.set_xlabel("KV budget (entries per layer and KV head)")
+    pol.plot_by_budget(ax, rows, "series", "accuracy")
     ax.set_ylabel("accuracy")
     ax.set_ylim(bottom=0)
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
 
@@ -419,32 +318,17 @@ def plot(rows: Sequence[dict[str, Any]], title: str) -> Any:
 def report(
     rows: Sequence[dict[str, Any]], settings: dict[str, Any], args: argparse.Namespace
 ) -> str:
-    headers = [
-        "case",
-        "problems",
-        "accuracy",
-        "vs none",
-        "avg generated tokens",
-        "truncated",
-        "wall s",
-        "evictions (server log)",
+    columns = [
+        ("case", "case"),
+        ("problems", "problems"),
+        ("accuracy", "accuracy"),
+        ("vs none", "relative_to_none"),
+        ("avg generated tokens", "avg_completion_tokens"),
+        ("truncated", "truncated"),
+        ("wall s", "wall_s"),
+        ("evictions (server log)", "evictions"),
     ]
-    table = markdown_table(
-        headers,
-        [
-            [
-                r["case"],
-                r["problems"],
-                r["accuracy"],
-                r["relative_to_none"],
-                r["avg_completion_tokens"],
-                r["truncated"],
-                r["wall_s"],
-                "n/a" if r["evictions"] is None else r["evictions"],
-            ]
-            for r in rows
-        ],
-    )
+    table = record_table(rows, columns)
     lines = [
         f"# Accuracy: {settings['model']} on {settings['dataset']}",
         "",
@@ -458,12 +342,7 @@ def report(
         "over layers and KV heads) the server's policy evicted while decoding the case "
         "(its stats log line; n/a when not logged); wall s: summed over the invocations "
         "that ran the case's problems (a resumed case adds up)",
-        *(
-            f"- {r['series']}: `{r['policy']}` with `--kv-policy-config "
-            f"'{json.dumps(r['policy_config'])}'`"
-            for r in {r["series"]: r for r in rows if r["policy_config"]}.values()
-        ),
-        *([BURST_NOTE] if any(r["policy"] in BURST_POLICIES for r in rows) else []),
+        *pol.policy_notes([(r["series"], r["policy"]) for r in rows], args.policy_config),
         "",
         table,
     ]
@@ -513,9 +392,10 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 run = {"problems": ran, "wall_s": time.perf_counter() - start, "evictions": None}
                 if server_log is not None and case.policy != "none":
-                    flush_stats(client, model_name)
-                    now = evictions_logged(server_log)
-                    if now is not None:
+                    srv.flush_stats(base_url, model_name)
+                    logged = srv.logged_cache_stats(server_log)
+                    if logged:
+                        now = logged[-1].evictions
                         run["evictions"], counted = now - counted, now
                 logs[case].add_run(run)
         return slug
@@ -526,10 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         servers = f"external server at {args.base_url}"
     else:
-        from crystal_vllm.models import MODEL_NAMES, prepare_model
-        from crystal_vllm.serving import serve
-
-        model = prepare_model(args.serve) if args.serve in MODEL_NAMES else Path(args.serve)
+        model = cli.resolve_model(args.serve)
         slug = _model_slug(args.model_name or args.serve)
         servers = (
             f"`vllm serve MODEL {' '.join(server_args('POLICY', None, args))}` "
@@ -539,7 +416,6 @@ def main(argv: list[str] | None = None) -> None:
             logs[case] = open_log(case, slug)
         log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="accuracy-servers-"))
         log_dir.mkdir(parents=True, exist_ok=True)
-        env = {"VLLM_LOGGING_CONFIG_PATH": str(logging_config(log_dir / "logging.json"))}
         for series, cases in group_by_policy(args.cases).items():
             if all(logs[c].done(p.id) for c in cases for p in problems):
                 continue  # resumed: nothing left for this server
@@ -550,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
                 flags += ["--served-model-name", args.model_name]
             log_path = log_dir / f"server_{slug}_{series}.log"
             print(f"starting vllm serve {model} {' '.join(flags)} (log: {log_path})", flush=True)
-            with serve(model, flags, env=env, log_path=log_path, startup_timeout=900) as server:
+            with srv.policy_server(model, flags, log_path) as server:
                 run_all(server.base_url, cases, slug, log_path)
 
     baseline = None
@@ -587,19 +463,8 @@ def main(argv: list[str] | None = None) -> None:
         "servers": servers,
     }
     markdown = report(rows, settings, args)
-    title = (
-        f"{slug} on {args.dataset}: {len(problems)} problems, max {args.max_tokens} tokens, "
-        f"T={args.temperature}"
-    )
-    paths = write_results(
-        args.name or f"accuracy_{args.dataset}_{slug}",
-        {"settings": settings, "cases": rows},
-        markdown,
-        plot(rows, title),
-        args.results_dir,
-    )
-    print(markdown)
-    print(f"results: {paths.json}, {paths.markdown}, {paths.png}")
+    payload = {"settings": settings, "cases": rows}
+    cli.publish(args, f"accuracy_{args.dataset}_{slug}", payload, markdown, plot(rows, settings))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Run: ``python -m benchmarks.answer_first --model smollm2 --limit 20`` (``--help`
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -43,16 +42,17 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks.common` importa
 from benchmarks.common import (  # noqa: E402
     FINAL_ANSWER_PREFIX,
     Problem,
+    cli,
     extract_answer,
     is_correct,
     load_aime2025,
     load_gsm8k,
     markdown_table,
     render_prompt,
-    write_results,
 )
+from benchmarks.common import policies as pol  # noqa: E402
 from crystal_vllm.models import MODEL_NAMES, prepare_model  # noqa: E402
-from crystal_vllm.policy import POLICY_NAMES, KVPolicy, allocate_budgets, make_policy  # noqa: E402
+from crystal_vllm.policy import POLICY_NAMES, KVPolicy, make_policy  # noqa: E402
 
 logger = logging.getLogger("benchmarks.answer_first")
 
@@ -269,10 +269,9 @@ def replay_policy(
     """Replay ``policy`` over the think stage once per budget (budgets are state rows).
 
     Slot ``i`` holds position ``i`` (no slot reuse: the replay never runs out of slots).
-    Policies with adaptive budgets get Algorithm 2 every ``realloc_interval`` steps of
-    their own step counter, once the row's cache has filled (ALGORITHM.md §3).
+    After every step the policy's own end-of-step hook (the one the server runtime calls)
+    may change budgets, e.g. Algorithm 2 for ``crystal``; the replay then evicts down to them.
     """
-    realloc_interval = policy.config.realloc_interval if policy.adaptive_budgets else None
     num_layers, num_q_heads = trace.decode_probs[0].shape[:2]
     num_kv_heads = trace.keys.shape[1]
     group = num_q_heads // num_kv_heads
@@ -283,7 +282,6 @@ def replay_policy(
     state = policy.init_state(r, num_layers, num_kv_heads, slots)
     budget_t = torch.tensor(budgets, dtype=torch.int64).view(r, 1, 1)
     budget_t = budget_t.expand(r, num_layers, num_kv_heads).clone()
-    total = budget_t.sum((1, 2))
     keys = None
     if policy.needs_keys:
         keys = trace.keys[:, :, :slots].float().unsqueeze(0).expand(r, -1, -1, -1, -1)
@@ -308,7 +306,6 @@ def replay_policy(
         policy.observe(state, rows, _masked_probs(row, held_q())[0], budgets=budget_t)
     evict()
 
-    filled = torch.zeros(r, dtype=torch.bool)
     mass_sum = torch.zeros(r, dtype=torch.float64)
     for k in range(think_len):
         policy.begin_step(state, rows)
@@ -318,18 +315,10 @@ def replay_policy(
         probs, mass = _masked_probs(row, held_q())
         mass_sum += mass.mean((1, 2)).double()
         policy.observe(state, rows, probs, budgets=budget_t)
-        if realloc_interval is not None:
-            filled |= state.valid.sum((1, 2, 3)) >= total
-            due = filled & (state.step % realloc_interval == 0)
-            if bool(due.any()):
-                budget_t[due] = allocate_budgets(
-                    policy.head_utilisation(state, rows[due]),
-                    budget_t[due],
-                    total[due],
-                    floor_ratio=policy.config.floor_ratio,
-                    min_tokens=policy.config.min_tokens,
-                    max_per_head=slots,
-                )
+        change = policy.end_step(state, rows, budget_t, max_per_head=slots)
+        if change is not None:
+            due_rows, new_budgets = change
+            budget_t[due_rows] = new_budgets
         evict()
 
     held = state.valid[..., p0:slots]  # [R, L, Hkv, a]
@@ -431,26 +420,6 @@ def _parse_policies(text: str) -> dict[str, str]:
     return out
 
 
-def _parse_policy_config(text: str) -> dict[str, dict[str, Any]]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"--policy-config is not valid JSON: {exc}") from None
-    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
-        raise argparse.ArgumentTypeError(
-            "--policy-config must map policy labels to parameter objects, "
-            'e.g. {"crystal": {"lam": 0.5}}'
-        )
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.answer_first",
@@ -466,11 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dataset", choices=("gsm8k", "aime2025"), default="gsm8k", help="problem set"
     )
-    parser.add_argument("--limit", type=_positive, default=20, help="number of problems")
+    parser.add_argument("--limit", type=cli.positive_int, default=20, help="number of problems")
     parser.add_argument("--offset", type=int, default=0, help="index of the first problem")
     parser.add_argument(
         "--max-new-tokens",
-        type=_positive,
+        type=cli.positive_int,
         default=320,
         help=f"generation cap per problem (at most {MAX_NEW_TOKENS_CAP}: the recorded "
         "attention grows quadratically with it)",
@@ -490,22 +459,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--policy-config",
-        type=_parse_policy_config,
+        type=pol.parse_policy_config,
         default="{}",
         help="JSON object of parameters per policy label (merged over the defaults of the "
         "built-in variants: " + ", ".join(f"{k} {v[1]}" for k, v in DEFAULT_VARIANTS.items()) + ")",
     )
     parser.add_argument(
-        "--crystal-fraction",
-        type=float,
-        default=0.3,
-        help="share of think tokens labelled CrystalKV (top) and SlipKV (bottom)",
+        "--crystal-fraction", type=float, default=0.3, help="share labelled CrystalKV / SlipKV"
     )
     parser.add_argument(
-        "--min-think-tokens",
-        type=_positive,
-        default=16,
-        help="skip problems whose think stage is shorter",
+        "--min-think-tokens", type=cli.positive_int, default=16, help="skip shorter think stages"
     )
     parser.add_argument(
         "--fallback-answer-tokens",
@@ -521,17 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="model dtype (float32: exact probabilities, and no slower than bfloat16 for "
         "eager attention on the CPUs measured)",
     )
-    parser.add_argument("--threads", type=_positive, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads")
     parser.add_argument("--cache-dir", type=Path, default=None, help="model cache directory")
-    parser.add_argument(
-        "--results-dir",
-        type=Path,
-        default=None,
-        help="where to write (default: benchmarks/results)",
-    )
-    parser.add_argument(
-        "--name", default=None, help="result file name suffix (default: answer_first_<model>)"
-    )
+    cli.add_output_args(parser, "answer_first_MODEL")
     return parser
 
 
@@ -716,12 +671,8 @@ def _counts(items: Any) -> str:
 
 
 def plot(args: argparse.Namespace, summary: dict[str, dict[str, dict[str, float]]]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    title = f"Answer-first replay, {args.model}, {args.dataset} (teacher-forced)"
+    fig, axes = cli.subplots(title, 2, figsize=(10, 4))
     xs = list(args.budgets)
     for name, by_frac in summary.items():
         for ax, key in zip(axes, ("crystal_recall", "mass_kept"), strict=True):
@@ -733,8 +684,6 @@ def plot(args: argparse.Namespace, summary: dict[str, dict[str, dict[str, float]
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Answer-first replay, {args.model}, {args.dataset} (teacher-forced)")
-    fig.tight_layout()
     return fig
 
 
@@ -800,16 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "summary": summary,
         "problems": [asdict(r) for r in records],
     }
-    fig = plot(args, summary)
-    paths = write_results(
-        args.name or f"answer_first_{args.model}",
-        payload,
-        markdown,
-        figure=fig,
-        results_dir=args.results_dir,
-    )
-    print(markdown)
-    print(f"wrote {paths.json}, {paths.markdown}, {paths.png}")
+    cli.publish(args, f"answer_first_{args.model}", payload, markdown, plot(args, summary))
     return 0
 
 

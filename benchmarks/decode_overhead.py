@@ -21,7 +21,6 @@ Example (the issue's setting):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,46 +30,18 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common.engine_runs import (  # noqa: E402
-    EngineParts,
-    KVGeometry,
-    block_size_arg,
-    case_label,
-    engine_settings,
-    open_engine,
-    parse_case,
-    positive_int,
-    prompt_tokens,
-    report_progress,
-    report_result,
-    run_worker,
-)
-from benchmarks.common.results import markdown_table, write_results  # noqa: E402
+from benchmarks.common import cli  # noqa: E402
+from benchmarks.common import engine_runs as er  # noqa: E402
+from benchmarks.common.results import markdown_table  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2", help="bundled model name or HF folder")
+    parser = cli.script_parser(__doc__)
+    er.add_case_args(parser, "none crystal:1024", output_len=256, num_requests=8, prompt_len=32)
     parser.add_argument(
-        "--cases",
-        nargs="+",
-        type=parse_case,
-        default=[parse_case("none"), parse_case("crystal:1024")],
-        help="'none' and POLICY:BUDGET cases; every budget must exceed prompt + output "
-        "length (default: none crystal:1024)",
+        "--rounds", type=cli.positive_int, default=3, help="times every case runs, alternating"
     )
-    parser.add_argument("--num-requests", type=positive_int, default=8, help="batch size")
-    parser.add_argument("--prompt-len", type=positive_int, default=32, help="prompt tokens")
-    parser.add_argument("--output-len", type=positive_int, default=256, help="tokens each")
-    parser.add_argument(
-        "--rounds", type=positive_int, default=3, help="times every case runs, alternating"
-    )
-    parser.add_argument(
-        "--block-size", type=block_size_arg, default=32, help="KV block size (every case)"
-    )
-    parser.add_argument("--name", default="decode_overhead", help="result file name suffix")
-    parser.add_argument("--results-dir", type=Path, default=None, help="where results go")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    cli.add_output_args(parser, "decode_overhead", worker=True)
     return parser
 
 
@@ -78,35 +49,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_case(spec: dict[str, Any]) -> dict[str, Any]:
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    llm = open_engine(spec)
-    parts = EngineParts.of(llm)
-    vocab = llm.get_tokenizer().vocab_size
-    params = SamplingParams(temperature=0.0, max_tokens=spec["output_len"], ignore_eos=True)
-    for i in range(spec["num_requests"]):
-        prompt = TokensPrompt(prompt_token_ids=prompt_tokens(i, spec["prompt_len"], vocab))
-        parts.engine.add_request(str(i), prompt, params)
+    engine = er.Engine(spec)
+    engine.add_batch(spec)
     wall, cpu, running = [], [], []
-    while parts.engine.has_unfinished_requests():
+    while engine.engine.has_unfinished_requests():
         w0, c0 = time.perf_counter(), time.thread_time()
-        parts.engine.step()
+        outputs = engine.engine.step()
         wall.append(time.perf_counter() - w0)
         cpu.append(time.thread_time() - c0)
-        running.append(len(parts.scheduler.running))
-        report_progress()
+        running.append(len(outputs))  # requests in the step
+        er.report_progress()
     # Step 0 prefills every prompt; the last steps may run a partial batch. Keep the
-    # decode steps during which the whole batch ran.
+    # decode steps that ran the whole batch.
     full = [i for i in range(1, len(wall)) if running[i] == spec["num_requests"]]
-    summary = parts.cache_summary()
     return {
         "decode_steps": len(full),
         "step_wall_ms": 1e3 * statistics.median(wall[i] for i in full),
         "step_cpu_ms": 1e3 * statistics.median(cpu[i] for i in full),
         "prefill_wall_ms": 1e3 * wall[0],
-        "evictions": 0 if summary is None else summary["evictions"],
-        "ops": parts.ops_impl(),
+        "evictions": engine.evictions() or 0,
+        "ops": engine.info()["ops"],
     }
 
 
@@ -114,42 +76,28 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.worker is not None:
-        report_result(run_case(json.loads(args.worker)))
-        return
-    from crystal_vllm.models import prepare_model
-
-    model_dir = Path(args.model) if Path(args.model).is_dir() else prepare_model(args.model)
+    args = er.parse_or_work(build_parser(), argv, run_case)
+    model_dir, geometry, vocab_size = er.model_geometry(args.model)
     seq_len = args.prompt_len + args.output_len
     for policy, budget in args.cases:
         if budget is not None and budget <= seq_len:
             raise SystemExit(
-                f"case {case_label(policy, budget)}: the budget must exceed "
+                f"case {er.case_label(policy, budget)}: the budget must exceed "
                 f"prompt + output = {seq_len} so that nothing is evicted"
             )
-    geometry = KVGeometry.from_model_dir(model_dir)
     blocks_per_request = -(-seq_len // args.block_size) + 2
     kv_bytes = 2 * args.num_requests * blocks_per_request * geometry.block_bytes(args.block_size)
-    engine = engine_settings(seq_len, args.block_size, max(args.num_requests, 8))
+    engine = er.engine_settings(seq_len, args.block_size, max(args.num_requests, 8))
     runs = []
     for round_index in range(args.rounds):
         for policy, budget in args.cases:
-            label = f"{case_label(policy, budget)} (round {round_index + 1})"
-            spec = {
-                "model": str(model_dir),
-                "engine": engine,
-                "kv_bytes": kv_bytes,
-                "policy": policy,
-                "budget": budget,
-                "num_requests": args.num_requests,
-                "prompt_len": args.prompt_len,
-                "output_len": args.output_len,
-            }
-            result = run_worker(Path(__file__), spec, label, total=args.output_len + 1)
+            label = f"{er.case_label(policy, budget)} (round {round_index + 1})"
+            case = (policy, budget)
+            spec = er.case_spec(model_dir, case, args, vocab_size, engine=engine, kv_bytes=kv_bytes)
+            result = er.run_worker(Path(__file__), spec, label, total=args.output_len + 1)
             if result["evictions"]:
                 raise SystemExit(f"{label} evicted {result['evictions']} entries: raise its budget")
-            case = case_label(policy, budget)
+            case = er.case_label(policy, budget)
             runs.append({"case": case, "round": round_index + 1, **result})
 
     base = {r["round"]: r for r in runs if r["case"] == "none"}
@@ -189,15 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         f"# Decode step time, nothing evicted\n\n{setting}\n\n"
         f"{markdown_table(headers, rows)}\n\nPer round:\n\n{markdown_table(run_headers, run_rows)}"
     )
-    print(markdown)
-    paths = write_results(
-        args.name,
-        {"setting": setting, "runs": runs, "summary": summary},
-        markdown,
-        _figure(summary),
-        args.results_dir,
-    )
-    print(f"\nwrote {paths.json}, {paths.markdown}, {paths.png}")
+    payload = {"setting": setting, "runs": runs, "summary": summary}
+    cli.publish(args, "decode_overhead", payload, markdown, _figure(summary))
 
 
 def _median_or_none(values: list[float | None]) -> float | None:
@@ -206,18 +147,12 @@ def _median_or_none(values: list[float | None]) -> float | None:
 
 
 def _figure(summary: list[dict[str, Any]]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = cli.subplots("Decode step time, nothing evicted", figsize=(6, 3.5))
     labels = [s["case"] for s in summary]
     ax.bar(labels, [s["step_cpu_ms"] for s in summary], color="tab:blue", label="CPU time")
     ax.scatter(labels, [s["step_wall_ms"] for s in summary], color="black", zorder=3,
                label="wall clock")  # fmt: skip
     ax.set_ylabel("decode step (ms, median)")
-    ax.set_title("Decode step time, nothing evicted")
     ax.legend()
     return fig
 

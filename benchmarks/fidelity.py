@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -54,15 +52,12 @@ if __package__ in (None, ""):
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor  # noqa: E402
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates  # noqa: E402
 
+from benchmarks.common import cli  # noqa: E402
+from benchmarks.common import engine_runs as er  # noqa: E402
+from benchmarks.common import policies as pol  # noqa: E402
 from benchmarks.common.datasets import load_gsm8k  # noqa: E402
-from benchmarks.common.policies import (  # noqa: E402
-    BURST_NOTE,
-    BURST_POLICIES,
-    POLICIES,
-    parse_policy_config,
-)
 from benchmarks.common.prompts import render_prompt  # noqa: E402
-from benchmarks.common.results import markdown_table, write_results  # noqa: E402
+from benchmarks.common.results import record_table  # noqa: E402
 
 #: ``SamplingParams.extra_args`` key that turns teacher forcing on for a request.
 FORCE_KEY = "teacher_forcing"
@@ -206,28 +201,12 @@ class TeacherForcing(LogitsProcessor):
 # -- one engine, inside a fresh process ---------------------------------------------------
 
 
-def _engine(spec: dict[str, Any]):
-    from vllm import LLM
-
-    additional = {}
-    if spec["policy"] != "none":
-        additional = {"kv_policy": spec["policy"], "kv_budget": max(spec["budgets"])}
-        if spec.get("policy_config"):
-            additional["kv_policy_config"] = spec["policy_config"]
-    return LLM(
-        model=spec["model"],
-        enforce_eager=True,
-        dtype=spec["dtype"],
-        max_model_len=spec["max_model_len"],
-        enable_prefix_caching=False,
-        enable_chunked_prefill=False,
-        max_num_batched_tokens=spec["max_model_len"],
+def _engine(spec: dict[str, Any]) -> er.Engine:
+    return er.Engine(
+        spec,
         logprobs_mode="raw_logprobs",
         max_logprobs=spec["top_k"],
         logits_processors=[TeacherForcing],
-        distributed_executor_backend="uni",
-        seed=0,
-        additional_config=additional,
     )
 
 
@@ -243,7 +222,7 @@ def run_reference(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = _engine(spec)
+    llm = _engine(spec).llm
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], logprobs=spec["top_k"])
     outs = llm.generate(
         [TokensPrompt(prompt_token_ids=p) for p in spec["prompts"]], params, use_tqdm=False
@@ -267,8 +246,8 @@ def run_policy(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    references = json.loads(Path(spec["reference_path"]).read_text())["references"]
-    llm = _engine(spec)
+    references = json.loads(Path(spec["reference_path"]).read_text())
+    engine = _engine(spec)
     prompts, params, keys = [], [], []
     for budget in spec["budgets"]:
         for i, (prompt, ref) in enumerate(zip(spec["prompts"], references, strict=True)):
@@ -288,7 +267,7 @@ def run_policy(spec: dict[str, Any]) -> dict[str, Any]:
                 )
             )
             keys.append(key)
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    outs = engine.llm.generate(prompts, params, use_tqdm=False)
     results: dict[str, Any] = {}
     for n, key in enumerate(keys):
         budget, i = key.split("/")
@@ -313,10 +292,7 @@ def run_policy(spec: dict[str, Any]) -> dict[str, Any]:
                 "kl": [steps[t][2] for t in range(len(ref["tokens"]))],
             }
         )
-    runner = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
-    cache = getattr(runner.model_runner, "crystal_cache", None)
-    evictions = None if cache is None else cache.summary()["evictions"]
-    return {"per_budget": results, "evictions": evictions}
+    return {"per_budget": results, "evictions": engine.evictions()}
 
 
 # -- the driver ---------------------------------------------------------------------------
@@ -350,21 +326,21 @@ def summarize_policy(
 def parse_policy(text: str) -> tuple[str, str]:
     """``POLICY`` or ``LABEL=POLICY`` -> (label, policy)."""
     label, _, policy = text.rpartition("=")
-    if policy not in POLICIES[1:]:
+    if policy not in pol.POLICIES[1:]:
         raise argparse.ArgumentTypeError(
             f"policy {policy!r} in {text!r} is not one to compare with none; allowed: "
-            f"{', '.join(POLICIES[1:])}"
+            f"{', '.join(pol.POLICIES[1:])}"
         )
     return label or policy, policy
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--model", default="smollm2", help="bundled model name or HF folder")
+def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
+    return (run_reference if spec["policy"] == "none" else run_policy)(spec)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.script_parser(__doc__)
+    cli.add_model_arg(parser)
     parser.add_argument(
         "--policies",
         nargs="+",
@@ -372,164 +348,105 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[(p, p) for p in ("crystal", "crystal-lite", "streaming", "h2o", "snapkv", "rkv")],
         metavar="[LABEL=]POLICY",
         help=f"policies compared with none, each POLICY or LABEL=POLICY (policies: "
-        f"{', '.join(POLICIES[1:])}; default: crystal crystal-lite streaming h2o snapkv rkv)",
+        f"{', '.join(pol.POLICIES[1:])}; default: crystal crystal-lite streaming h2o snapkv rkv)",
     )
-    parser.add_argument(
-        "--policy-config",
-        type=parse_policy_config,
-        default={},
-        help='parameters per policy label as JSON, e.g. \'{"snapkv-buf8": {"buffer": 8}}\' '
-        "(the --kv-policy-config of that engine)",
-    )
+    pol.add_policy_config_arg(parser)
     parser.add_argument(
         "--budgets",
         nargs="+",
-        type=int,
+        type=cli.positive_int,
         default=[32, 64],
         help="KV entries kept per layer and KV head; eviction needs budgets below "
         "prompt + output length (default: 32 64)",
     )
-    parser.add_argument("--num-prompts", type=int, default=20, help="GSM8K questions (20)")
+    for flag, default, what in (
+        ("--num-prompts", 20, "GSM8K questions"),
+        ("--max-tokens", 192, "new tokens at most"),
+        ("--top-k", 20, "reference logprobs per step for the KL"),
+    ):
+        parser.add_argument(
+            flag, type=cli.positive_int, default=default, help=f"{what} ({default})"
+        )
     parser.add_argument("--offset", type=int, default=0, help="first question's index (0)")
-    parser.add_argument("--max-tokens", type=int, default=192, help="new tokens at most (192)")
-    parser.add_argument(
-        "--top-k", type=int, default=20, help="reference logprobs per step for the KL (20)"
-    )
-    parser.add_argument(
-        "--dtype", default="float32", help="model dtype of every engine (float32: exact)"
-    )
-    parser.add_argument(
-        "--max-model-len", type=int, default=2048, help="context length of every engine"
-    )
-    parser.add_argument("--name", default=None, help="result file name (fidelity_MODEL)")
-    parser.add_argument("--results-dir", type=Path, default=None, help="where results go")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    parser.add_argument("--dtype", default="float32", help="every engine's dtype (float32: exact)")
+    parser.add_argument("--max-model-len", type=int, default=2048, help="every engine's context")
+    cli.add_output_args(parser, "fidelity_MODEL", worker=True)
+    return parser
+
+
+def check_labels(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     labels = [label for label, _ in args.policies]
     if len(set(labels)) != len(labels):
         parser.error(f"--policies: a label appears twice in {labels}")
     unknown = sorted(set(args.policy_config) - set(labels))
     if unknown:
         parser.error(f"--policy-config names {unknown}, which --policies lacks ({labels})")
-    for flag, value in (
-        ("--num-prompts", args.num_prompts),
-        ("--max-tokens", args.max_tokens),
-        ("--top-k", args.top_k),
-        *(("--budgets", b) for b in args.budgets),
-    ):
-        if value < 1:
-            parser.error(f"{flag} {value} is invalid: it must be >= 1")
-    return args
 
 
-def _run_worker(spec: dict[str, Any], out: Path) -> dict[str, Any]:
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU memory check needs it
-    spec = {**spec, "output_path": str(out)}
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{spec['policy']} engine failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
-        )
-    return json.loads(out.read_text())
-
-
-def policy_notes(
-    policies: Sequence[tuple[str, str]], configs: dict[str, dict[str, Any]]
-) -> list[str]:
-    """Markdown lines that say how far a policy may exceed its budget, and which labels
-    run with their own parameters."""
-    notes = [
-        f"- {label}: `{policy}` with `--kv-policy-config '{json.dumps(configs[label])}'`"
-        for label, policy in policies
-        if configs.get(label)
-    ]
-    if any(policy in BURST_POLICIES for _, policy in policies):
-        notes.append(BURST_NOTE)
-    return notes
-
-
-def plot(rows: Sequence[dict[str, Any]], title: str) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> Any:
     panels = (
         ("first_divergence_median", "median first divergent token"),
         ("top1_agreement", "teacher-forced top-1 agreement"),
         ("kl_topk_mean", "mean KL(none || policy), top-k + rest"),
     )
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    title = (
+        f"{settings['model']} ({settings['dtype']}), {settings['prompts']} GSM8K prompts, "
+        f"max {settings['max_tokens']} new tokens: fidelity to none"
+    )
+    fig, axes = cli.subplots(title, 3, figsize=(14, 4))
     for ax, (metric, label) in zip(axes, panels, strict=True):
-        for policy in dict.fromkeys(r["policy"] for r in rows):
-            points = sorted((r["budget"], r[metric]) for r in rows if r["policy"] == policy)
-            ax.plot([b for b, _ in points], [v for _, v in points], marker="o", label=policy)
-        ax.set_xlabel("KV budget (entries per layer and KV head)")
+        pol.plot_by_budget(ax, rows, "policy", metric)
         ax.set_title(label, fontsize=9)
-        ax.grid(alpha=0.3)
     axes[1].axhline(1.0, color="black", linestyle="--", label="none")
     axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
     return fig
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.worker is not None:
-        spec = json.loads(args.worker)
-        run = run_reference if spec["policy"] == "none" else run_policy
-        Path(spec["output_path"]).write_text(json.dumps(run(spec)))
-        return
+    parser = build_parser()
+    args = er.parse_or_work(parser, argv, run_engine)
+    check_labels(parser, args)
 
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from crystal_vllm.models import MODEL_NAMES, prepare_model
-
-    dtype_name = "fp32" if args.dtype in ("float32", "fp32") else "bf16"
-    if args.model in MODEL_NAMES:
-        model = prepare_model(args.model, dtype="float32" if dtype_name == "fp32" else "bfloat16")
-    else:
-        model = Path(args.model)
+    fp32 = args.dtype in ("float32", "fp32")
+    model = cli.resolve_model(args.model, dtype="float32" if fp32 else "bfloat16")
     tokenizer = AutoTokenizer.from_pretrained(model)
     problems = load_gsm8k(limit=args.num_prompts, offset=args.offset)
     prompts = [
         tokenizer(render_prompt(tokenizer, p.question), add_special_tokens=False)["input_ids"]
         for p in problems
     ]
+    budgets = sorted(set(args.budgets))
     base = {
         "model": str(model),
-        "dtype": args.dtype,
-        "max_model_len": args.max_model_len,
+        "engine": er.engine_settings(args.max_model_len, dtype=args.dtype),
         "max_tokens": args.max_tokens,
         "top_k": args.top_k,
         "prompts": prompts,
-        "budgets": sorted(set(args.budgets)),
+        "budgets": budgets,
     }
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB; vLLM's CPU memory check needs it
+    script = Path(__file__).resolve()
     rows = []
     with tempfile.TemporaryDirectory(prefix="fidelity-") as tmp:
         ref_path = Path(tmp) / "reference.json"
         bar = tqdm(total=len(args.policies) + 1, desc="engines", unit="engine")
-        bar.set_postfix_str("none")
-        references = _run_worker({**base, "policy": "none"}, ref_path)["references"]
+        spec = {**base, "policy": "none", "budget": None}
+        references = er.run_worker(script, spec, "none", 1, env)["references"]
+        ref_path.write_text(json.dumps(references))
         bar.update()
         for label, policy in args.policies:
-            bar.set_postfix_str(label)
             config = args.policy_config.get(label, {})
             spec = {
                 **base,
                 "policy": policy,
+                "budget": budgets[-1],
                 "policy_config": config,
                 "reference_path": str(ref_path),
             }
-            result = _run_worker(spec, Path(tmp) / f"{label}.json")
+            result = er.run_worker(script, spec, label, 1, env)
             for budget, runs in sorted(result["per_budget"].items(), key=lambda kv: int(kv[0])):
                 rows.append(
                     {
@@ -546,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
 
     prompt_lens = [len(p) for p in prompts]
     ref_lens = [len(r["tokens"]) for r in references]
-    slug = args.model if args.model in MODEL_NAMES else Path(args.model).name
+    slug = Path(args.model).name  # a bundled name as it is
     settings = {
         "model": slug,
         "dtype": args.dtype,
@@ -554,42 +471,25 @@ def main(argv: list[str] | None = None) -> None:
         "offset": args.offset,
         "max_tokens": args.max_tokens,
         "top_k": args.top_k,
-        "budgets": base["budgets"],
+        "budgets": budgets,
         "prompt_tokens_mean": statistics.fmean(prompt_lens),
         "reference_tokens_mean": statistics.fmean(ref_lens),
         "engine": "in-process LLM, enforce_eager, no prefix caching, no chunked prefill, "
         f"max_model_len {args.max_model_len}, logprobs_mode raw_logprobs, seed 0",
     }
-    headers = [
-        "policy",
-        "budget",
-        "identical",
-        "first divergence median",
-        "first divergence mean",
-        "forced steps",
-        "top-1 agreement",
-        "log-prob gap",
-        f"KL top-{args.top_k}+rest",
-        "evictions",
+    columns = [
+        ("policy", "policy"),
+        ("budget", "budget"),
+        ("identical", "identical"),
+        ("first divergence median", "first_divergence_median"),
+        ("first divergence mean", "first_divergence_mean"),
+        ("forced steps", "steps"),
+        ("top-1 agreement", "top1_agreement"),
+        ("log-prob gap", "logprob_gap_mean"),
+        (f"KL top-{args.top_k}+rest", "kl_topk_mean"),
+        ("evictions", "evictions"),
     ]
-    table = markdown_table(
-        headers,
-        [
-            [
-                r["policy"],
-                r["budget"],
-                r["identical"],
-                r["first_divergence_median"],
-                r["first_divergence_mean"],
-                r["steps"],
-                r["top1_agreement"],
-                r["logprob_gap_mean"],
-                r["kl_topk_mean"],
-                "n/a" if r["evictions"] is None else r["evictions"],
-            ]
-            for r in rows
-        ],
-    )
+    table = record_table(rows, columns)
     markdown = "\n".join(
         [
             f"# Fidelity to full KV: {slug} on GSM8K",
@@ -609,24 +509,13 @@ def main(argv: list[str] | None = None) -> None:
             f"the none side's top-{args.top_k} tokens plus one bucket for the rest (a lower "
             "bound of the full KL), from raw float32 logits",
             "- evictions: the engine's count over all its requests (both budgets, both modes)",
-            *policy_notes(args.policies, args.policy_config),
+            *pol.policy_notes(args.policies, args.policy_config),
             "",
             table,
         ]
     )
-    title = (
-        f"{slug} ({args.dtype}), {len(prompts)} GSM8K prompts, "
-        f"max {args.max_tokens} new tokens: fidelity to none"
-    )
-    paths = write_results(
-        args.name or f"fidelity_{slug}",
-        {"settings": settings, "cases": rows},
-        markdown,
-        plot(rows, title),
-        args.results_dir,
-    )
-    print(markdown)
-    print(f"results: {paths.json}, {paths.markdown}, {paths.png}")
+    payload = {"settings": settings, "cases": rows}
+    cli.publish(args, f"fidelity_{slug}", payload, markdown, plot(rows, settings))
 
 
 if __name__ == "__main__":

@@ -25,60 +25,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common.engine_runs import (  # noqa: E402
-    EngineParts,
-    KVGeometry,
-    RequestTiming,
-    block_size_arg,
-    case_label,
-    cli_flags,
-    downsample,
-    engine_settings,
-    kv_bytes_held,
-    latency_summary,
-    open_engine,
-    parse_case,
-    positive_float,
-    positive_int,
-    prompt_tokens,
-    report_progress,
-    report_result,
-    run_worker,
-    running_stats,
-)
-from benchmarks.common.results import markdown_table, write_results  # noqa: E402
+from benchmarks.common import cli  # noqa: E402
+from benchmarks.common import engine_runs as er  # noqa: E402
+from benchmarks.common.results import record_table  # noqa: E402
 
 #: Policies that keep every entry: they must not evict.
 NON_EVICTING = ("none", "full")
-#: How long a server may take to start: three processes import vLLM, which took over the
-#: default 300 s on a 2-core machine shared with other jobs.
-SERVER_STARTUP_S = 900.0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--model",
-        default="smollm2",
-        help="bundled model name (smollm2, qwen2.5-coder-0.5b, tiny) or an HF folder "
-        "(default: smollm2)",
-    )
+    parser = cli.script_parser(__doc__)
+    er.add_case_args(parser, "none crystal:256", output_len=2048, num_requests=32, prompt_len=32)
     parser.add_argument(
         "--mode",
         choices=("offline", "http"),
@@ -87,53 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
         "clients (default: offline)",
     )
     parser.add_argument(
-        "--cases",
-        nargs="+",
-        type=parse_case,
-        default=[("none", None), ("crystal", 256)],
-        help="cases to run, each 'none' or POLICY:BUDGET, BUDGET = KV entries kept per "
-        "(layer, KV head) (default: none crystal:256)",
-    )
-    parser.add_argument(
-        "--num-requests", type=positive_int, default=32, help="requests per case (default 32)"
-    )
-    parser.add_argument(
-        "--prompt-len", type=positive_int, default=32, help="prompt tokens per request (default 32)"
-    )
-    parser.add_argument(
-        "--output-len",
-        type=positive_int,
-        default=2048,
-        help="tokens generated per request, ignore_eos (default 2048)",
-    )
-    parser.add_argument(
         "--memory-requests",
-        type=positive_float,
+        type=cli.positive_float,
         default=4.0,
         help="KV memory, in full-length (prompt + output) requests that vanilla vLLM could "
         "hold; >= 1 (default 4)",
     )
     parser.add_argument(
-        "--block-size",
-        type=block_size_arg,
-        default=32,
-        help="KV block size in tokens, a multiple of 32 (default 32)",
-    )
-    parser.add_argument(
-        "--max-num-seqs",
-        type=positive_int,
-        default=64,
-        help="scheduler limit on running requests (default 64)",
+        "--max-num-seqs", type=cli.positive_int, default=64, help="running requests at most (64)"
     )
     parser.add_argument(
         "--concurrency",
-        type=positive_int,
-        default=None,
+        type=cli.positive_int,
         help="http mode: streaming clients in flight at once (default: --num-requests)",
     )
     parser.add_argument(
         "--poll-interval",
-        type=positive_float,
+        type=cli.positive_float,
         default=0.25,
         help="http mode: seconds between two reads of the server's /metrics (default 0.25)",
     )
@@ -143,23 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure the policy path's overhead: budgets above every sequence, so a case "
         "that evicts fails the run (by default a policy case that evicts nothing fails it)",
     )
-    parser.add_argument(
-        "--name",
-        default="throughput",
-        help="result file name suffix: <date>_<machine>_<name>.{json,md,png} (default: throughput)",
-    )
-    parser.add_argument(
-        "--results-dir",
-        type=Path,
-        default=None,
-        help="where results go (default: benchmarks/results)",
-    )
-    parser.add_argument(
-        "--worker",
-        default=None,
-        metavar="SPEC",
-        help="internal: run one offline case from its JSON spec and print its result",
-    )
+    cli.add_output_args(parser, "throughput", worker=True)
     return parser
 
 
@@ -168,26 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_offline_case(spec: dict[str, Any]) -> dict[str, Any]:
     """Add every request, step the engine until all finish, read the counters each step."""
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+    engine = er.Engine(spec)
+    engine.add_batch(spec)
 
-    llm = open_engine(spec)
-    parts = EngineParts.of(llm)
-    vocab = spec["vocab_size"]
-    params = SamplingParams(temperature=0.0, max_tokens=spec["output_len"], ignore_eos=True)
-    for i in range(spec["num_requests"]):
-        tokens = prompt_tokens(i, spec["prompt_len"], vocab)
-        parts.engine.add_request(str(i), TokensPrompt(prompt_token_ids=tokens), params)
-
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start, cpu_start = engine.wall(), engine.cpu()
     first_token: dict[str, float] = {}
-    timings: list[RequestTiming] = []
+    timings: list[er.RequestTiming] = []
     samples: list[tuple[float, int]] = []  # (step start, requests in the step)
     peak_blocks = peak_head_blocks = steps = 0
-    while parts.engine.has_unfinished_requests():
-        step_start = time.perf_counter() - start
-        outputs = parts.engine.step()
-        now = time.perf_counter() - start
+    while engine.engine.has_unfinished_requests():
+        step_start = engine.wall() - start
+        outputs = engine.engine.step()
+        now = engine.wall() - start
         steps += 1
         done = 0
         for out in outputs:
@@ -196,49 +111,39 @@ def run_offline_case(spec: dict[str, Any]) -> dict[str, Any]:
             if out.finished:
                 done += 1
                 tokens = len(out.outputs[0].token_ids)
-                timings.append(RequestTiming(0.0, first_token[out.request_id], now, tokens))
-        # Finished requests have left the running list already.
-        samples.append((step_start, len(parts.scheduler.running) + done))
-        peak_blocks = max(peak_blocks, parts.blocks_in_use())
-        summary = parts.cache_summary()
-        if summary is not None:
-            peak_head_blocks = max(peak_head_blocks, summary["head_blocks_in_use"])
+                timings.append(er.RequestTiming(0.0, first_token[out.request_id], now, tokens))
+        samples.append((step_start, len(outputs)))
+        blocks, head_blocks = engine.read()
+        peak_blocks = max(peak_blocks, blocks)
+        peak_head_blocks = max(peak_head_blocks, head_blocks or 0)
         if done:
-            report_progress(done)
-    elapsed = time.perf_counter() - start
-    cpu_elapsed = time.process_time() - cpu_start
+            er.report_progress(done)
+    elapsed = engine.wall() - start
+    cpu_elapsed = engine.cpu() - cpu_start
 
-    summary = parts.cache_summary()
+    summary = engine.summary()
     generated = sum(t.output_tokens for t in timings)
     return {
-        "ops": parts.ops_impl(),
-        "torch_threads": parts.threads(),
+        **engine.info(),
         "elapsed_s": elapsed,
         "generated_tokens": generated,
         "output_tok_s": generated / elapsed,
         # One engine thread in this process: tokens per CPU-second barely depend on other
         # jobs competing for the cores, which tokens per wall-second do.
         "output_tok_per_cpu_s": generated / cpu_elapsed,
-        **running_stats(samples, elapsed),
-        "timeline": downsample(samples),
+        **er.running_stats(samples, elapsed),
+        "timeline": er.downsample(samples),
         "peak_blocks": peak_blocks,
-        "total_blocks": parts.total_blocks(),
-        "peak_head_blocks": peak_head_blocks if summary is not None else None,
-        **latency_summary(timings),
+        "total_blocks": engine.total_blocks,
+        "peak_head_blocks": None if summary is None else peak_head_blocks,
+        **er.latency_summary(timings),
         "steps": steps,
-        "evictions": None if summary is None else summary["evictions"],
-        "reallocations": None if summary is None else summary["reallocations"],
+        "evictions": engine.evictions(),
+        "reallocations": summary and summary["reallocations"],
     }
 
 
 # -- http: one case, against a fresh server ------------------------------------------------
-
-
-def _get(url: str) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return response.read().decode()
 
 
 def run_http_case(
@@ -250,61 +155,33 @@ def run_http_case(
     ``--kv-cache-memory-bytes``; the pool is fixed by ``--num-gpu-blocks-override`` (the
     block count the offline mode gets from its byte size) and checked on ``/metrics``.
     """
-    from openai import OpenAI
-    from tqdm import tqdm
+    import httpx
 
-    from benchmarks.common.http_load import (
-        logging_config_file,
-        parse_cache_stats,
-        run_load,
-        server_num_blocks,
-    )
-    from crystal_vllm.serving import serve
-    from crystal_vllm.vllm_ext.runner_mixin import STATS_LOG_INTERVAL_S
+    from benchmarks.common import server as srv
+    from benchmarks.common.http_load import run_load, server_num_blocks
 
-    flags = cli_flags(spec["engine"]) + ["--num-gpu-blocks-override", str(spec["num_blocks"])]
-    flags += ["--kv-policy", spec["policy"]]
-    if spec["budget"] is not None:
-        flags += ["--kv-budget", str(spec["budget"])]
+    flags = er.cli_flags(spec["engine"]) + ["--num-gpu-blocks-override", str(spec["num_blocks"])]
+    flags += srv.policy_flags(spec["policy"], spec["budget"])
+    vocab = spec["vocab_size"]
+    prompts = [er.prompt_tokens(i, spec["prompt_len"], vocab) for i in range(spec["num_requests"])]
     with tempfile.TemporaryDirectory(prefix="throughput-http-") as tmp:
-        log_config = logging_config_file(Path(tmp) / "logging.json")
-        env = {"VLLM_LOGGING_CONFIG_PATH": str(log_config)}
         log_path = Path(tmp) / "server.log"
-        with serve(
-            spec["model"], flags, env=env, log_path=log_path, startup_timeout=SERVER_STARTUP_S
-        ) as server:
-            blocks = server_num_blocks(_get(f"{server.base_url}/metrics"))
+        with srv.policy_server(spec["model"], flags, log_path) as server:
+            blocks = server_num_blocks(httpx.get(f"{server.base_url}/metrics", timeout=30).text)
             if blocks != spec["num_blocks"]:
                 raise SystemExit(
                     f"case {label}: the server has {blocks} KV blocks, not {spec['num_blocks']}"
                 )
-            vocab = spec["vocab_size"]
-            prompts = [
-                prompt_tokens(i, spec["prompt_len"], vocab) for i in range(spec["num_requests"])
-            ]
-            with tqdm(total=len(prompts), desc=label, unit="req", leave=False) as bar:
-                load = asyncio.run(
-                    run_load(
-                        server.base_url,
-                        spec["model"],
-                        prompts,
-                        spec["output_len"],
-                        concurrency,
-                        poll_interval,
-                        on_done=lambda: bar.update(1),
-                    )
+            load = asyncio.run(
+                run_load(
+                    server.base_url, spec["model"], prompts, spec["output_len"], concurrency,
+                    poll_interval, label,
                 )
-            during = parse_cache_stats(server.log_path.read_text(errors="replace"))
-            after = during
+            )  # fmt: skip
+            during = srv.logged_cache_stats(log_path)
             if spec["policy"] != "none":
-                # The runner logs its counters at most every STATS_LOG_INTERVAL_S, on a
-                # step; one tiny request after that long gets the final count logged.
-                time.sleep(STATS_LOG_INTERVAL_S + 0.5)
-                with OpenAI(base_url=f"{server.base_url}/v1", api_key="unused") as client:
-                    client.completions.create(
-                        model=spec["model"], prompt=prompt_tokens(0, 1, vocab), max_tokens=2
-                    )
-                after = parse_cache_stats(server.log_path.read_text(errors="replace"))
+                srv.flush_stats(server.base_url, spec["model"])
+            after = srv.logged_cache_stats(log_path)
 
     usable = spec["num_blocks"] - 1
     running = [(t, int(g.running)) for t, g in load.gauges]
@@ -316,13 +193,13 @@ def run_http_case(
         "generated_tokens": generated,
         "output_tok_s": generated / load.elapsed,
         "output_tok_per_cpu_s": None,  # the server's processes are not timed
-        **running_stats(running, load.elapsed),
-        "timeline": downsample(running),
+        **er.running_stats(running, load.elapsed),
+        "timeline": er.downsample(running),
         "peak_blocks": round(peak_usage * usable),
         "total_blocks": usable,
         # Sampled at the runner's stats interval: a lower bound on the true peak.
         "peak_head_blocks": max((s.head_blocks for s in during), default=None),
-        **latency_summary(load.timings),
+        **er.latency_summary(load.timings),
         "requests": [
             {"ttft_s": t.ttft, "tpot_s": t.tpot, "e2e_s": t.e2e, "tokens": t.output_tokens}
             for t in load.timings
@@ -353,65 +230,38 @@ def eviction_problem(policy: str, evictions: int | None, expect_no_eviction: boo
     return None if evictions else "evicted nothing: compression did not run"
 
 
-def _mib(value: int | None) -> float | str:
-    return "n/a" if value is None else value / 2**20
-
-
-def _per_cpu(value: float | None) -> float | str:
-    return "n/a" if value is None else value
-
-
-def _ratio(value: float, base: float | None) -> float:
-    return value / base if base else math.nan
-
-
 def report(args: argparse.Namespace, results: list[dict[str, Any]], setting: str) -> str:
     """The markdown table (plus notes on where the http mode's numbers come from)."""
     base = next((r for r in results if r["policy"] == "none"), None)
-    rows = []
-    for r in results:
-        held = _mib(r["peak_kv_bytes"])
-        if args.mode == "http" and r["policy"] != "none" and r["peak_kv_bytes"] is not None:
-            held = f">= {held:.2f}"
-        rows.append(
-            [
-                case_label(r["policy"], r["budget"]),
-                r["output_tok_s"],
-                _ratio(r["output_tok_s"], base and base["output_tok_s"]),
-                _per_cpu(r["output_tok_per_cpu_s"]),
-                _ratio(r["output_tok_per_cpu_s"] or 0.0, base and base["output_tok_per_cpu_s"]),
-                r["peak_running"],
-                r["steady_running"],
-                _ratio(r["steady_running"], base and base["steady_running"]),
-                r["mean_running"],
-                held,
-                _mib(r["peak_reserved_kv_bytes"]),
-                r["ttft_median_s"],
-                r["tpot_median_s"] * 1000,
-                r["e2e_median_s"],
-                "n/a" if r["evictions"] is None else r["evictions"],
-                r["case_wall_s"],
-                "{:.1f} / {:.1f}".format(*r["load_avg_1m"]),
-            ]
+
+    def x_none(key: str) -> Callable[[dict[str, Any]], float]:
+        return lambda r: (
+            r[key] / base[key] if base and base[key] and r[key] is not None else math.nan
         )
-    headers = [
-        "case",
-        "tok/s",
-        "x none",
-        "tok per CPU-s",
-        "x none",
-        "peak running",
-        "steady running",
-        "x none",
-        "mean running",
-        "KV MiB held (peak)",
-        "KV MiB in vLLM blocks (peak)",
-        "TTFT s (median)",
-        "TPOT ms (median)",
-        "E2E s (median)",
-        "evictions",
-        "case wall s",
-        "load avg start / end",
+
+    def held(r: dict[str, Any]) -> float | str | None:
+        mib = None if r["peak_kv_bytes"] is None else r["peak_kv_bytes"] / 2**20
+        lower_bound = args.mode == "http" and r["policy"] != "none" and mib is not None
+        return f">= {mib:.2f}" if lower_bound else mib
+
+    columns = [
+        ("case", er.label_of),
+        ("tok/s", "output_tok_s"),
+        ("x none", x_none("output_tok_s")),
+        ("tok per CPU-s", "output_tok_per_cpu_s"),
+        ("x none", x_none("output_tok_per_cpu_s")),
+        ("peak running", "peak_running"),
+        ("steady running", "steady_running"),
+        ("x none", x_none("steady_running")),
+        ("mean running", "mean_running"),
+        ("KV MiB held (peak)", held),
+        ("KV MiB in vLLM blocks (peak)", lambda r: r["peak_reserved_kv_bytes"] / 2**20),
+        ("TTFT s (median)", "ttft_median_s"),
+        ("TPOT ms (median)", lambda r: r["tpot_median_s"] * 1000),
+        ("E2E s (median)", "e2e_median_s"),
+        ("evictions", "evictions"),
+        ("case wall s", "case_wall_s"),
+        ("load avg start / end", er.load_avg_cell),
     ]
     notes = [
         "tok/s: output tokens over the wall time from the first request to the last token; "
@@ -432,7 +282,7 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], setting: str
         )
     return (
         f"# Throughput at fixed KV memory ({args.mode})\n\n{setting}\n\n"
-        + markdown_table(headers, rows, 2)
+        + record_table(results, columns, 2)
         + "\n"
         + "\n\n".join(notes)
         + "\n"
@@ -440,14 +290,10 @@ def report(args: argparse.Namespace, results: list[dict[str, Any]], setting: str
 
 
 def _plot(results: list[dict[str, Any]], mode: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [case_label(r["policy"], r["budget"]) for r in results]
+    labels = [er.case_label(r["policy"], r["budget"]) for r in results]
     x = range(len(results))
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 3.8))
+    title = f"Throughput at fixed KV memory ({mode})"
+    fig, (ax1, ax2, ax3) = cli.subplots(title, 3, figsize=(14, 3.8))
     ax1.bar(labels, [r["output_tok_s"] for r in results], color="tab:blue")
     ax1.set_ylabel("output tokens / s")
     ax1.set_title("throughput")
@@ -469,27 +315,18 @@ def _plot(results: list[dict[str, Any]], mode: str):
     ax3.set_ylabel("running requests")
     ax3.set_title("running requests over time")
     ax3.legend()
-    fig.suptitle(f"Throughput at fixed KV memory ({mode})")
-    fig.tight_layout()
     return fig
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.worker is not None:
-        report_result(run_offline_case(json.loads(args.worker)))
-        return
+    args = er.parse_or_work(parser, argv, run_offline_case)
     if args.memory_requests < 1:
         parser.error(
             f"--memory-requests {args.memory_requests:g} is invalid: it must be >= 1 "
             "(vanilla vLLM must fit one full-length request)"
         )
-
-    from crystal_vllm.models import MODEL_NAMES, prepare_model
-
-    model = prepare_model(args.model) if args.model in MODEL_NAMES else Path(args.model)
-    geometry = KVGeometry.from_model_dir(model)
+    model, geometry, vocab_size = er.model_geometry(args.model)
     seq_len = args.prompt_len + args.output_len
     if seq_len > geometry.max_context:
         parser.error(
@@ -499,43 +336,33 @@ def main(argv: list[str] | None = None) -> None:
     block_bytes = geometry.block_bytes(args.block_size)
     blocks_per_request = -(-seq_len // args.block_size)
     num_blocks = int(args.memory_requests * blocks_per_request + 1)  # + vLLM's null block
-    settings = engine_settings(seq_len, args.block_size, args.max_num_seqs)
-    from tqdm import tqdm
-    from transformers import AutoTokenizer
-
-    vocab_size = AutoTokenizer.from_pretrained(model).vocab_size
     concurrency = args.concurrency or args.num_requests
 
+    shared = {
+        "block_size": args.block_size,
+        "num_blocks": num_blocks,
+        "kv_bytes": num_blocks * block_bytes,
+        "engine": er.engine_settings(seq_len, args.block_size, args.max_num_seqs),
+    }
     started = time.perf_counter()
     results = []
-    for policy, budget in tqdm(args.cases, desc="cases", unit="case"):
-        label = case_label(policy, budget)
-        spec = {
-            "model": str(model),
-            "policy": policy,
-            "budget": budget,
-            "num_requests": args.num_requests,
-            "prompt_len": args.prompt_len,
-            "output_len": args.output_len,
-            "vocab_size": vocab_size,
-            "block_size": args.block_size,
-            "num_blocks": num_blocks,
-            "kv_bytes": num_blocks * block_bytes,
-            "engine": settings,
-        }
-        case_start, load_start = time.perf_counter(), os.getloadavg()[0]
+    for policy, budget in er.progress(args.cases):
+        label = er.case_label(policy, budget)
+        spec = er.case_spec(model, (policy, budget), args, vocab_size, **shared)
         if args.mode == "offline":
-            measured = run_worker(Path(__file__), spec, label, args.num_requests)
+            total = args.num_requests
+            measured = er.measure_case(er.run_worker, Path(__file__), spec, label, total)
             if measured["total_blocks"] != num_blocks - 1:
                 raise SystemExit(
                     f"case {label}: the engine has {measured['total_blocks'] + 1} KV blocks, "
                     f"not {num_blocks}"
                 )
         else:
-            measured = run_http_case(spec, concurrency, args.poll_interval, label)
+            measured = er.measure_case(run_http_case, spec, concurrency, args.poll_interval, label)
         problem = eviction_problem(policy, measured["evictions"], args.expect_no_eviction)
         if problem:
             raise SystemExit(f"case {label}: {problem}")
+        peak_blocks, peak_head_blocks = measured["peak_blocks"], measured["peak_head_blocks"]
         results.append(
             {
                 **spec,
@@ -543,17 +370,10 @@ def main(argv: list[str] | None = None) -> None:
                 "mode": args.mode,
                 "block_bytes": block_bytes,
                 "head_block_bytes": geometry.head_block_bytes(args.block_size),
-                "peak_kv_bytes": kv_bytes_held(
-                    policy,
-                    geometry,
-                    args.block_size,
-                    measured["peak_blocks"],
-                    measured["peak_head_blocks"],
+                "peak_kv_bytes": er.kv_bytes_held(
+                    policy, geometry, args.block_size, peak_blocks, peak_head_blocks
                 ),
-                "peak_reserved_kv_bytes": measured["peak_blocks"] * block_bytes,
-                "case_wall_s": time.perf_counter() - case_start,
-                # Other jobs share the machine: the 1-minute load average around the case.
-                "load_avg_1m": [load_start, os.getloadavg()[0]],
+                "peak_reserved_kv_bytes": peak_blocks * block_bytes,
             }
         )
 
@@ -567,16 +387,9 @@ def main(argv: list[str] | None = None) -> None:
         f"(= {args.memory_requests:g} full-length requests), "
         f"total wall time {time.perf_counter() - started:.0f} s"
     )
+    payload = {"setting": setting, "mode": args.mode, "cases": results}
     markdown = report(args, results, setting)
-    paths = write_results(
-        args.name,
-        {"setting": setting, "mode": args.mode, "cases": results},
-        markdown,
-        _plot(results, args.mode),
-        args.results_dir,
-    )
-    print(markdown)
-    print(f"results: {paths.json} {paths.markdown} {paths.png}")
+    cli.publish(args, "throughput", payload, markdown, _plot(results, args.mode))
 
 
 if __name__ == "__main__":

@@ -16,13 +16,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common.cli import add_model_arg, positive_int, resolve_model
+
 PROGRESS_TAG = "PROGRESS "
+KV_USAGE = "vllm:kv_cache_usage_perc"
 RESULT_TAG = "RESULT "
 
 #: Bytes per K or V element: every side runs bf16.
@@ -57,26 +61,12 @@ def case_label(policy: str, budget: int | None) -> str:
     return policy if budget is None else f"{policy}:{budget}"
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid: it must be an integer >= 1")
-    return value
+def label_of(row: dict[str, Any]) -> str:
+    return case_label(row["policy"], row["budget"])
 
 
-def positive_float(text: str) -> float:
-    """A finite number > 0 (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is invalid: it must be a number > 0")
-    return value
+def load_avg_cell(row: dict[str, Any]) -> str:
+    return "{:.1f} / {:.1f}".format(*row["load_avg_1m"])
 
 
 def block_size_arg(text: str) -> int:
@@ -87,6 +77,39 @@ def block_size_arg(text: str) -> int:
             f"block size {value} is invalid: vLLM's CPU attention needs a multiple of 32"
         )
     return value
+
+
+def add_case_args(
+    parser: argparse.ArgumentParser,
+    cases: str,
+    output_len: int,
+    num_requests: int | None = None,
+    prompt_len: int | None = None,
+) -> None:
+    """The arguments every speed benchmark takes: model, cases, request shape, block size."""
+    add_model_arg(parser)
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        type=parse_case,
+        default=[parse_case(c) for c in cases.split()],
+        help="cases to run, each 'none' or POLICY:BUDGET, BUDGET = KV entries kept per "
+        f"(layer, KV head) (default: {cases})",
+    )
+    for flag, default, what in (
+        ("--num-requests", num_requests, "requests per case"),
+        ("--prompt-len", prompt_len, "prompt tokens per request"),
+        ("--output-len", output_len, "tokens generated per request, ignore_eos"),
+    ):
+        if default is not None:
+            help = f"{what} (default {default})"
+            parser.add_argument(flag, type=positive_int, default=default, help=help)
+    parser.add_argument(
+        "--block-size",
+        type=block_size_arg,
+        default=32,
+        help="KV block size in tokens, a multiple of 32 (default 32)",
+    )
 
 
 # -- model geometry and KV bytes -----------------------------------------------------------
@@ -141,27 +164,43 @@ def kv_bytes_held(
     return peak_head_blocks * geometry.head_block_bytes(block_size)
 
 
+def model_geometry(name: str) -> tuple[Path, KVGeometry, int]:
+    """The model's folder (a bundled one is built on first use), KV geometry and vocabulary
+    size (for :func:`prompt_tokens`)."""
+    from transformers import AutoTokenizer
+
+    model = resolve_model(name)
+    return model, KVGeometry.from_model_dir(model), AutoTokenizer.from_pretrained(model).vocab_size
+
+
 # -- engine settings and prompts -----------------------------------------------------------
 
 
-def engine_settings(max_model_len: int, block_size: int, max_num_seqs: int) -> dict[str, Any]:
-    """Engine arguments every side of a comparison shares (offline ``LLM`` keywords).
+def engine_settings(
+    max_model_len: int,
+    block_size: int | None = None,
+    max_num_seqs: int | None = None,
+    dtype: str = "bfloat16",
+) -> dict[str, Any]:
+    """Engine arguments every side of a comparison shares (offline ``LLM`` keywords; a
+    size left None is vLLM's default).
 
     Chunked prefill and prefix caching are off on every side because an active policy turns
     both off; a whole prompt then prefills in one step everywhere (vLLM also wants a step
     to fit one token of every running request).
     """
-    return {
+    settings = {
         "enforce_eager": True,
-        "dtype": "bfloat16",
+        "dtype": dtype,
         "max_model_len": max_model_len,
         "block_size": block_size,
         "max_num_seqs": max_num_seqs,
         "enable_prefix_caching": False,
         "enable_chunked_prefill": False,
-        "max_num_batched_tokens": max(max_model_len, max_num_seqs),
+        "max_num_batched_tokens": max(max_model_len, max_num_seqs or 0),
         "seed": 0,
     }
+    return {key: value for key, value in settings.items() if value is not None}
 
 
 def cli_flags(settings: dict[str, Any]) -> list[str]:
@@ -178,9 +217,17 @@ def cli_flags(settings: dict[str, Any]) -> list[str]:
     return flags
 
 
-def policy_config(policy: str, budget: int | None) -> dict[str, Any]:
+def policy_config(
+    policy: str, budget: int | None, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """``additional_config`` for a case (empty for vanilla)."""
-    return {} if policy == "none" else {"kv_policy": policy, "kv_budget": budget}
+    if policy == "none":
+        return {}
+    return {
+        "kv_policy": policy,
+        "kv_budget": budget,
+        **({"kv_policy_config": config} if config else {}),
+    }
 
 
 def prompt_tokens(index: int, length: int, vocab_size: int) -> list[int]:
@@ -268,6 +315,42 @@ def downsample(samples: Sequence[tuple[float, float]], limit: int = 600) -> list
     return [*picked, samples[-1]]
 
 
+def case_spec(
+    model: Path, case: Case, args: argparse.Namespace, vocab_size: int, **extra: Any
+) -> dict[str, Any]:
+    """What a case's process needs: model, policy, budget, the request shape (of
+    ``--num-requests``, ``--prompt-len``, ``--output-len``, those the script has) and the
+    vocabulary size, plus ``extra``."""
+    shape = ("num_requests", "prompt_len", "output_len")
+    policy, budget = case
+    return {
+        "model": str(model),
+        "policy": policy,
+        "budget": budget,
+        **{key: getattr(args, key) for key in shape if hasattr(args, key)},
+        "vocab_size": vocab_size,
+        **extra,
+    }
+
+
+def progress(cases: Sequence[Case]) -> Iterator[Case]:
+    from tqdm import tqdm
+
+    yield from tqdm(cases, desc="cases", unit="case")
+
+
+def measure_case(run: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """``run(*args)`` plus the case's wall time and the machine's 1-minute load average when
+    it started and ended (other jobs share the machine)."""
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    result = run(*args)
+    return {
+        **result,
+        "case_wall_s": time.perf_counter() - start,
+        "load_avg_1m": [load, os.getloadavg()[0]],
+    }
+
+
 # -- one case per subprocess ---------------------------------------------------------------
 
 
@@ -291,9 +374,24 @@ def report_result(result: dict[str, Any]) -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
-def run_worker(script: Path, spec: dict[str, Any], label: str, total: int) -> dict[str, Any]:
-    """Run ``script --worker SPEC`` in a fresh process with a progress bar of ``total``
-    units; return its result. Exits with the end of its output if it fails."""
+def parse_or_work(
+    parser: argparse.ArgumentParser, argv: list[str] | None, run: Callable[[dict], dict]
+) -> argparse.Namespace:
+    """The parsed arguments; in a case's own process (``--worker SPEC``) run the case,
+    report its result and exit."""
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        report_result(run(json.loads(args.worker)))
+        raise SystemExit(0)
+    return args
+
+
+def run_worker(
+    script: Path, spec: dict[str, Any], label: str, total: int, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``script --worker SPEC`` in a fresh process (:func:`worker_env` plus ``env``)
+    with a progress bar of ``total`` units; return its result. Exits with the end of its
+    output if it fails."""
     from tqdm import tqdm
 
     result = None
@@ -307,7 +405,7 @@ def run_worker(script: Path, spec: dict[str, Any], label: str, total: int) -> di
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
-            env=worker_env(),
+            env={**worker_env(), **(env or {})},
         )
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -330,62 +428,85 @@ def run_worker(script: Path, spec: dict[str, Any], label: str, total: int) -> di
     return result
 
 
-def open_engine(spec: dict[str, Any]) -> Any:
-    """Child side: an in-process ``LLM`` with the shared settings, the case's policy and
-    ``spec['kv_bytes']`` of KV memory."""
-    from vllm import LLM
+class Engine:
+    """Child side: an in-process ``LLM`` with the shared settings, the case's policy (and
+    its ``policy_config``) and ``kv_bytes`` of KV memory (if given), read through vLLM's
+    public API only: vLLM's gauges from ``LLM.get_metrics()``, the policy's counters from
+    ``LLM.collective_rpc("crystal_kv_summary")``.
 
-    return LLM(
-        model=spec["model"],
-        **spec["engine"],
-        kv_cache_memory_bytes=spec["kv_bytes"],
-        distributed_executor_backend="uni",
-        additional_config=policy_config(spec["policy"], spec["budget"]),
-    )
+    ``get_metrics`` walks the Prometheus registry (milliseconds, a large share of a small
+    model's step), so :meth:`read` stops the clocks: :meth:`wall` and :meth:`cpu` (this
+    process's CPU time) leave out the time spent reading.
+    """
 
+    def __init__(self, spec: dict[str, Any], **llm_args: Any) -> None:
+        from vllm import LLM
 
-@dataclass
-class EngineParts:
-    """The in-process pieces a benchmark reads each step."""
-
-    engine: Any
-    scheduler: Any
-    block_pool: Any
-    cache: Any | None  # crystal_vllm's CompressedKVCache; None for vanilla vLLM
-
-    @classmethod
-    def of(cls, llm: Any) -> EngineParts:
-        engine = llm.llm_engine
-        core = engine.engine_core.engine_core
-        runner = core.model_executor.driver_worker.worker.model_runner
-        return cls(
-            engine=engine,
-            scheduler=core.scheduler,
-            block_pool=core.scheduler.kv_cache_manager.block_pool,
-            cache=getattr(runner, "crystal_cache", None),
+        self.policy = spec["policy"]
+        self.llm = LLM(
+            model=spec["model"],
+            **spec["engine"],
+            kv_cache_memory_bytes=spec.get("kv_bytes"),
+            distributed_executor_backend="uni",
+            additional_config=policy_config(
+                spec["policy"], spec["budget"], spec.get("policy_config")
+            ),
+            disable_log_stats=False,  # the gauges
+            **llm_args,
         )
+        self.engine = self.llm.llm_engine
+        (info,) = [m for m in self.llm.get_metrics() if m.name == "vllm:cache_config_info"]
+        self.total_blocks = int(info.labels["num_gpu_blocks"]) - 1  # vLLM's null block
+        self._paused_wall = self._paused_cpu = 0.0
 
-    def blocks_in_use(self) -> int:
-        """vLLM blocks held by requests (the pool's null block excluded)."""
-        pool = self.block_pool
-        return pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()
+    def add(self, request_id: str, tokens: list[int], max_tokens: int) -> None:
+        """One request of exactly ``max_tokens`` greedy tokens (``ignore_eos``)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
 
-    def total_blocks(self) -> int:
-        return self.block_pool.num_gpu_blocks - 1
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=tokens), params)
 
-    def cache_summary(self) -> dict[str, Any] | None:
-        return None if self.cache is None else self.cache.summary()
+    def add_batch(self, spec: dict[str, Any]) -> None:
+        """``num_requests`` prompts of ``prompt_len`` tokens, ``output_len`` tokens each."""
+        for i in range(spec["num_requests"]):
+            tokens = prompt_tokens(i, spec["prompt_len"], spec["vocab_size"])
+            self.add(str(i), tokens, spec["output_len"])
 
-    def threads(self) -> int:
-        """Torch threads of the engine (the CPU-time figures assume one)."""
+    def wall(self) -> float:
+        return time.perf_counter() - self._paused_wall
+
+    def cpu(self) -> float:
+        return time.process_time() - self._paused_cpu
+
+    def read(self) -> tuple[int, int | None]:
+        """vLLM blocks in use (null block excluded) and the policy's head-blocks in use."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        usage = sum(m.value for m in self.llm.get_metrics() if m.name == KV_USAGE)
+        summary = self.summary()
+        self._paused_wall += time.perf_counter() - wall
+        self._paused_cpu += time.process_time() - cpu
+        return round(usage * self.total_blocks), summary and summary["head_blocks_in_use"]
+
+    def summary(self) -> dict[str, Any] | None:
+        """The policy's counters (``crystal_vllm.runtime.CacheSummary``); None for vanilla,
+        whose worker has no such method."""
+        if self.policy == "none":
+            return None
+        (summary,) = self.llm.collective_rpc("crystal_kv_summary")
+        return summary
+
+    def evictions(self) -> int | None:
+        """Entries evicted so far, after prefills included."""
+        summary = self.summary()
+        return summary and summary["evictions"] + summary["prefill_evictions"]
+
+    def info(self) -> dict[str, Any]:
+        """Torch threads (the CPU-time figures assume one) and which crystal_vllm ops
+        implementation ran (C++ or torch), for the record."""
         import torch
 
-        return torch.get_num_threads()
-
-    def ops_impl(self) -> str | None:
-        """Which crystal_vllm ops implementation ran (C++ or torch), for the record."""
-        if self.cache is None:
-            return None
         from crystal_vllm import ops
 
-        return ops.get_impl().__name__.rsplit(".", 1)[-1]
+        impl = None if self.policy == "none" else ops.get_impl().__name__.rsplit(".", 1)[-1]
+        return {"ops": impl, "torch_threads": torch.get_num_threads()}

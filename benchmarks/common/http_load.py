@@ -3,33 +3,23 @@
 Clients stream from ``/v1/completions`` with token-id prompts, ``ignore_eos`` and
 ``return_token_ids`` (so every chunk says how many tokens it carries), and time each
 request from the stream. Meanwhile ``/metrics`` is polled for vLLM's running-requests
-gauge and KV block usage. The KV policy's own counters (evictions, head-blocks in use)
-are not on ``/metrics``; the server logs them every few seconds, which is read here once
-the server is given a logging configuration that shows crystal_vllm's logger.
+gauge and KV block usage. The KV policy's own counters are not on ``/metrics`` yet: see
+:mod:`benchmarks.common.server`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
-import json
-import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from benchmarks.common.engine_runs import RequestTiming
 
 RUNNING = "vllm:num_requests_running"
 KV_USAGE = "vllm:kv_cache_usage_perc"
 CACHE_INFO = "vllm:cache_config_info"
-
-_CACHE_STATS = re.compile(
-    r"crystal-vllm: (?P<running>\d+) running, (?P<evictions>\d+) evictions, "
-    r"(?P<reallocations>\d+) budget reallocations, (?P<head_blocks>\d+) head-blocks in use"
-)
 
 
 # -- Prometheus ----------------------------------------------------------------------------
@@ -66,48 +56,13 @@ class ServerGauges:
 
 
 def server_num_blocks(text: str) -> int | None:
-    """``num_gpu_blocks`` of ``vllm:cache_config_info`` (the pool, null block included)."""
+    """``num_gpu_blocks`` of ``vllm:cache_config_info`` (the pool, null block included)
+    in a ``/metrics`` page."""
     for labels, _ in metric_samples(text, CACHE_INFO):
         blocks = labels.get("num_gpu_blocks", "None")
         if blocks.isdigit():
             return int(blocks)
     return None
-
-
-# -- the policy's counters, from the server log --------------------------------------------
-
-
-def logging_config_file(path: Path) -> Path:
-    """Write vLLM's default logging configuration plus crystal_vllm's logger on the same
-    handler (vLLM only shows its own loggers); use it as ``VLLM_LOGGING_CONFIG_PATH``."""
-    from vllm.logger import DEFAULT_LOGGING_CONFIG
-
-    config = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
-    config["loggers"]["crystal_vllm"] = {
-        "handlers": ["vllm"],
-        "level": "INFO",
-        "propagate": False,
-    }
-    path.write_text(json.dumps(config, indent=1))
-    return path
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    """One periodic stats line of the policy's model runner."""
-
-    running: int
-    evictions: int
-    reallocations: int
-    head_blocks: int
-
-
-def parse_cache_stats(log_text: str) -> list[CacheStats]:
-    """Every stats line in a server log, in order."""
-    return [
-        CacheStats(**{key: int(value) for key, value in m.groupdict().items()})
-        for m in _CACHE_STATS.finditer(log_text)
-    ]
 
 
 # -- streaming clients ---------------------------------------------------------------------
@@ -185,11 +140,13 @@ async def run_load(
     max_tokens: int,
     concurrency: int,
     poll_interval: float,
-    on_done: Callable[[], None] = lambda: None,
+    label: str,
 ) -> LoadResult:
-    """Send every prompt with at most ``concurrency`` in flight while polling /metrics."""
+    """Send every prompt with at most ``concurrency`` in flight while polling /metrics,
+    with a progress bar named ``label``."""
     import httpx
     from openai import AsyncOpenAI
+    from tqdm import tqdm
 
     queue: asyncio.Queue[list[int]] = asyncio.Queue()
     for prompt in prompts:
@@ -204,12 +161,13 @@ async def run_load(
         ) as client,
         httpx.AsyncClient(timeout=30.0) as http,
     ):
+        bar = tqdm(total=len(prompts), desc=label, unit="req", leave=False)
 
         async def client_loop() -> None:
             while not queue.empty():
                 prompt = queue.get_nowait()
                 timings.append(await stream_completion(client, model, prompt, max_tokens))
-                on_done()
+                bar.update()
 
         t0 = time.perf_counter()
         poller = asyncio.create_task(
@@ -221,6 +179,7 @@ async def run_load(
             elapsed = time.perf_counter() - t0
             stop.set()
             await poller
+            bar.close()
     shifted = [
         RequestTiming(t.start - t0, t.first_token - t0, t.end - t0, t.output_tokens)
         for t in timings

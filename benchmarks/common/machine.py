@@ -82,10 +82,11 @@ def _version(*dists: str) -> str | None:
     return None
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
+    """``git ARGS`` in this checkout, or None where git or the checkout is missing."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", *args],
             capture_output=True,
             text=True,
             check=True,
@@ -94,24 +95,18 @@ def _git_commit() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout
+
+
+def _git_commit() -> str | None:
+    return (_git("rev-parse", "--short", "HEAD") or "").strip() or None
 
 
 def _git_modified() -> list[str] | None:
     """Tracked files that differ from the commit: a result from a modified tree is not
     reproducible from the commit alone."""
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return [line[3:] for line in out.stdout.splitlines() if line[3:]]
+    out = _git("status", "--porcelain", "--untracked-files=no")
+    return None if out is None else [line[3:] for line in out.splitlines() if line[3:]]
 
 
 def _gpu_name() -> str | None:

@@ -1,9 +1,12 @@
-"""KV policy names and per-policy parameters as the benchmark scripts take them."""
+"""KV policy names, cases and per-policy parameters as the benchmark scripts take them,
+and the notes and plot lines of results compared by policy and budget."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 #: ``--kv-policy`` values (``none`` is vanilla vLLM).
@@ -31,3 +34,78 @@ def parse_policy_config(text: str) -> dict[str, dict[str, Any]]:
             f'{{"snapkv-buf8": {{"buffer": 8}}}}; got {text!r}'
         )
     return value
+
+
+def add_policy_config_arg(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    parser.add_argument(
+        "--policy-config",
+        type=parse_policy_config,
+        default={},
+        help=f"{prefix}parameters per policy label as JSON (that policy's --kv-policy-config), "
+        'e.g. \'{"snapkv-buf8": {"buffer": 8}}\'',
+    )
+
+
+@dataclass(frozen=True)
+class Case:
+    """A policy and the budget each request asks for. ``name`` labels a policy run with
+    its own parameters (``--policy-config``)."""
+
+    policy: str
+    budget: int | None = None
+    name: str | None = None
+
+    @property
+    def series(self) -> str:
+        """The line this case belongs to: its name, else its policy."""
+        return self.name or self.policy
+
+    @property
+    def label(self) -> str:
+        return self.series if self.budget is None else f"{self.series}:{self.budget}"
+
+
+def parse_case(text: str) -> Case:
+    """``none``, ``[NAME=]POLICY`` or ``[NAME=]POLICY:BUDGET`` with a known policy and
+    BUDGET >= 1."""
+    spec, sep, budget = text.partition(":")
+    name, _, policy = spec.rpartition("=")
+    if policy not in POLICIES:
+        raise argparse.ArgumentTypeError(
+            f"case {text!r}: unknown policy {policy!r}; allowed: {', '.join(POLICIES)}"
+        )
+    if policy == "none" and (sep or name):
+        raise argparse.ArgumentTypeError(f"case {text!r}: 'none' takes no name and no budget")
+    if not sep:
+        return Case(policy, name=name or None)
+    if not budget.isdigit() or int(budget) < 1:
+        raise argparse.ArgumentTypeError(
+            f"case {text!r} must be 'none', [NAME=]POLICY or [NAME=]POLICY:BUDGET with an "
+            "integer BUDGET >= 1 (e.g. crystal:256)"
+        )
+    return Case(policy, int(budget), name or None)
+
+
+def policy_notes(
+    policies: Sequence[tuple[str, str]], configs: dict[str, dict[str, Any]]
+) -> list[str]:
+    """Markdown lines that say which labels run with their own parameters, and how far a
+    policy may exceed its budget; ``policies`` are (label, policy) pairs."""
+    notes = [
+        f"- {label}: `{policy}` with `--kv-policy-config '{json.dumps(configs[label])}'`"
+        for label, policy in dict(policies).items()
+        if configs.get(label)
+    ]
+    if any(policy in BURST_POLICIES for _, policy in policies):
+        notes.append(BURST_NOTE)
+    return notes
+
+
+def plot_by_budget(ax: Any, rows: Sequence[dict[str, Any]], series: str, metric: str) -> None:
+    """One line of ``metric`` against the budget for each ``series`` value of the rows."""
+    rows = [r for r in rows if r["budget"] is not None]
+    for name in dict.fromkeys(r[series] for r in rows):
+        points = sorted((r["budget"], r[metric]) for r in rows if r[series] == name)
+        ax.plot([b for b, _ in points], [v for _, v in points], marker="o", label=name)
+    ax.set_xlabel("KV budget (entries per layer and KV head)")
+    ax.grid(alpha=0.3)

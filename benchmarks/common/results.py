@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(_cell(v, digits) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def record_table(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[tuple[str, str | Callable[[dict[str, Any]], Any]]],
+    digits: int = 3,
+) -> str:
+    """:func:`markdown_table` of dicts: ``columns`` are (header, key or function of the
+    row); None prints as n/a."""
+    cells = [[col(row) if callable(col) else row[col] for _, col in columns] for row in rows]
+    cells = [["n/a" if value is None else value for value in row] for row in cells]
+    return markdown_table([header for header, _ in columns], cells, digits)
 
 
 def _jsonable(value: Any) -> Any:

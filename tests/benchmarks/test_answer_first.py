@@ -162,6 +162,7 @@ def test_cli_rejects_bad_flags() -> None:
     assert defaults["snapkv-buf8"] == {"buffer": 8} and defaults["snapkv"] == {}
 
 
+@pytest.mark.slow
 def test_end_to_end_on_tiny_model(tmp_path: Path) -> None:
     """Two problems, a few tokens: every stage runs and writes its three files."""
     argv = [

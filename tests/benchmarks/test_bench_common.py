@@ -136,6 +136,28 @@ def test_machine_info_and_tag(monkeypatch: pytest.MonkeyPatch) -> None:
     assert machine_tag() == "my-box"
 
 
+def test_machine_info_records_the_commit_and_modified_files(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from benchmarks.common import machine
+
+    assert machine._git("rev-parse", "--is-inside-work-tree") in ("true\n", None)
+    status = " M crystal_vllm/policy/base.py\nM  benchmarks/latency.py\n"
+    answers = {"rev-parse": "abc1234\n", "status": status}
+    monkeypatch.setattr(machine, "_git", lambda *args: answers[args[0]])
+    info = machine_info()
+    assert info["crystal_vllm_commit"] == "abc1234"
+    assert info["crystal_vllm_modified_files"] == [
+        "crystal_vllm/policy/base.py",
+        "benchmarks/latency.py",
+    ]
+    answers["status"] = ""
+    assert machine_info()["crystal_vllm_modified_files"] == []
+    monkeypatch.setattr(machine, "_git", lambda *args: None)  # no git, or no checkout
+    info = machine_info()
+    assert info["crystal_vllm_commit"] is None and info["crystal_vllm_modified_files"] is None
+
+
 def test_write_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import matplotlib
 

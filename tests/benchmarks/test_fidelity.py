@@ -11,6 +11,7 @@ import pytest
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate
 
+from benchmarks.common.policies import policy_notes
 from benchmarks.fidelity import (
     FORCE_KEY,
     TeacherForcing,
@@ -19,7 +20,6 @@ from benchmarks.fidelity import (
     first_divergence,
     main,
     parse_policy,
-    policy_notes,
     summarize_policy,
 )
 

@@ -36,6 +36,7 @@ def test_help() -> None:
     assert "--smoke" in result.stdout and "bandwidth" in result.stdout
 
 
+@pytest.mark.slow
 def test_smoke_run_checks_every_op_and_reports_timings() -> None:
     result = _run("--smoke")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

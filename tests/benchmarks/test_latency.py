@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import latency as lat
+from benchmarks.common import engine_runs as er
 from benchmarks.common.engine_runs import KVGeometry
 
 TINY = KVGeometry(num_layers=4, num_kv_heads=2, head_dim=64, max_context=4096)
@@ -96,11 +97,11 @@ def test_driver_fails_when_a_long_context_evicted_nothing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model
 ) -> None:
     # Context 64 fits a budget of 100, so evicting nothing there is fine; 128 does not.
-    monkeypatch.setattr(lat, "run_worker", lambda *a: _measured([0, 0]))
+    monkeypatch.setattr(er, "run_worker", lambda *a: _measured([0, 0]))
     argv = ["--model", str(tiny_model), "--cases", "crystal:100", "--contexts", "64", "128"]
     with pytest.raises(SystemExit, match="context 128 > budget 100 but it evicted nothing"):
         lat.main([*argv, "--output-len", "8", "--results-dir", str(tmp_path)])
-    monkeypatch.setattr(lat, "run_worker", lambda *a: _measured([0, 5]))
+    monkeypatch.setattr(er, "run_worker", lambda *a: _measured([0, 5]))
     lat.main([*argv, "--output-len", "8", "--results-dir", str(tmp_path), "--name", "unit"])
     (path,) = tmp_path.glob("*_unit.json")
     (case,) = json.loads(path.read_text())["cases"]

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks import throughput as tp
+from benchmarks.common import engine_runs as er
+from benchmarks.common.cli import positive_float, positive_int
 from benchmarks.common.engine_runs import (
     KVGeometry,
     RequestTiming,
@@ -22,20 +24,13 @@ from benchmarks.common.engine_runs import (
     kv_bytes_held,
     latency_summary,
     parse_case,
-    positive_float,
-    positive_int,
     prompt_tokens,
     run_worker,
     running_stats,
     time_weighted_mean,
 )
-from benchmarks.common.http_load import (
-    CacheStats,
-    ServerGauges,
-    parse_cache_stats,
-    server_num_blocks,
-    timing_from_stream,
-)
+from benchmarks.common.http_load import ServerGauges, server_num_blocks, timing_from_stream
+from benchmarks.common.server import CacheStats, parse_cache_stats
 
 SMOLLM2 = KVGeometry(num_layers=30, num_kv_heads=3, head_dim=64, max_context=8192)
 
@@ -305,7 +300,7 @@ def _fake_case(evictions: int | None) -> dict:
 def test_driver_fails_when_a_policy_evicted_nothing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model
 ) -> None:
-    monkeypatch.setattr(tp, "run_worker", lambda *a: _fake_case(0))
+    monkeypatch.setattr(er, "run_worker", lambda *a: _fake_case(0))
     with pytest.raises(SystemExit, match="crystal:16: evicted nothing"):
         tp.main(
             [
@@ -330,7 +325,7 @@ def test_driver_writes_results_and_bytes_held(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model
 ) -> None:
     cases = iter([_fake_case(None), _fake_case(7)])
-    monkeypatch.setattr(tp, "run_worker", lambda *a: next(cases))
+    monkeypatch.setattr(er, "run_worker", lambda *a: next(cases))
     tp.main(
         [
             "--model",
@@ -454,10 +449,3 @@ def test_script_runs_as_a_file() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "--memory-requests" in out.stdout
-
-
-def test_machine_info_lists_modified_files() -> None:
-    from benchmarks.common.machine import machine_info
-
-    modified = machine_info()["crystal_vllm_modified_files"]
-    assert modified is None or all(isinstance(p, str) and p for p in modified)

@@ -1,0 +1,102 @@
+"""A local ``vllm serve`` for a benchmark, and the KV policy's counters from its log.
+
+Over HTTP the policy's counters (evictions, budget reallocations, head-blocks in use) are
+not on ``/metrics`` yet: the server's model runner logs them in one ``crystal-vllm: ...``
+line every ``STATS_LOG_INTERVAL_S`` (on a step), which is parsed here, once the server is
+given a logging configuration that shows crystal_vllm's logger. Offline engines read the
+same counters with ``LLM.collective_rpc("crystal_kv_summary")`` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: The stats line; its evictions are the total, prefill evictions included.
+_STATS_LINE = re.compile(
+    r"crystal-vllm: (?P<running>\d+) running, (?P<evictions>\d+) evictions, "
+    r"(?P<reallocations>\d+) budget reallocations, (?P<head_blocks>\d+) head-blocks in use"
+)
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """One periodic stats line of the policy's model runner."""
+
+    running: int
+    evictions: int
+    reallocations: int
+    head_blocks: int
+
+
+def parse_cache_stats(log_text: str) -> list[CacheStats]:
+    """Every stats line in a server log, in order."""
+    return [
+        CacheStats(**{key: int(value) for key, value in m.groupdict().items()})
+        for m in _STATS_LINE.finditer(log_text)
+    ]
+
+
+def logged_cache_stats(log_path: Path) -> list[CacheStats]:
+    return parse_cache_stats(Path(log_path).read_text(errors="replace"))
+
+
+def logging_config_file(path: Path) -> Path:
+    """Write vLLM's default logging configuration plus crystal_vllm's logger on the same
+    handler (vLLM only shows its own loggers); use it as ``VLLM_LOGGING_CONFIG_PATH``."""
+    from vllm.logger import DEFAULT_LOGGING_CONFIG
+
+    config = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
+    config["loggers"]["crystal_vllm"] = {"handlers": ["vllm"], "level": "INFO", "propagate": False}
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
+def policy_flags(
+    policy: str, budget: int | None, config: dict[str, Any] | None = None
+) -> list[str]:
+    """The ``vllm serve`` flags of a KV policy, its budget and its other parameters."""
+    flags = ["--kv-policy", policy]
+    if budget is not None:
+        flags += ["--kv-budget", str(budget)]
+    if config:
+        flags += ["--kv-policy-config", json.dumps(config)]
+    return flags
+
+
+@contextlib.contextmanager
+def policy_server(
+    model: Path, flags: Sequence[str], log_path: Path, startup_timeout: float = 900.0
+) -> Iterator[Any]:
+    """``vllm serve MODEL FLAGS`` logging to ``log_path``, with the stats line shown.
+
+    The default start-up timeout is long: the server's processes each import vLLM, which
+    took over 300 s on a 2-core machine shared with other jobs.
+    """
+    from crystal_vllm.serving import serve
+
+    config = logging_config_file(log_path.with_name(log_path.stem + ".logging.json"))
+    env = {"VLLM_LOGGING_CONFIG_PATH": str(config)}
+    with serve(
+        model, list(flags), env=env, log_path=log_path, startup_timeout=startup_timeout
+    ) as server:
+        yield server
+
+
+def flush_stats(base_url: str, model: str) -> None:
+    """Get the policy's counters logged now: the runner logs them on a step at most every
+    ``STATS_LOG_INTERVAL_S``, so wait that long and make one one-token step."""
+    from openai import OpenAI
+
+    from crystal_vllm.vllm_ext.runner_mixin import STATS_LOG_INTERVAL_S
+
+    time.sleep(STATS_LOG_INTERVAL_S + 0.5)
+    with OpenAI(base_url=f"{base_url}/v1", api_key="unused") as client:
+        client.completions.create(model=model, prompt="1", max_tokens=1)
