@@ -19,13 +19,12 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -36,14 +35,14 @@ if __package__ in (None, ""):
 from benchmarks.common import cli  # noqa: E402
 from benchmarks.common import policies as pol  # noqa: E402
 from benchmarks.common import server as srv  # noqa: E402
-from benchmarks.common.datasets import Problem, load_aime2025, load_gsm8k  # noqa: E402
+from benchmarks.common.datasets import Problem, add_dataset_args, load_problems  # noqa: E402
+from benchmarks.common.engine_runs import cli_flags  # noqa: E402
 from benchmarks.common.grading import grade  # noqa: E402
 from benchmarks.common.policies import Case, parse_case  # noqa: E402
 from benchmarks.common.prompts import SYSTEM_PROMPT, build_messages  # noqa: E402
 from benchmarks.common.results import RESULTS_DIR, record_table  # noqa: E402
 from benchmarks.common.runlog import RunLog  # noqa: E402
 
-DATASETS = {"gsm8k": load_gsm8k, "aime2025": load_aime2025}
 DEFAULT_RUN_DIR = RESULTS_DIR / "accuracy_runs"
 
 
@@ -75,21 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         "policy with its own --policy-config); default: none",
     )
     pol.add_policy_config_arg(parser, "--serve: ")
-    parser.add_argument(
-        "--dataset",
-        choices=sorted(DATASETS),
-        default="gsm8k",
-        help="gsm8k (1319 test problems, numeric match; default) or aime2025 (30, integer match)",
+    add_dataset_args(parser, limit=None)
+    cli.add_counts(
+        parser,
+        ("--max-tokens", 512, "generated tokens at most"),
+        ("--concurrency", 8, "requests in flight at once"),
     )
-    parser.add_argument("--limit", type=int, default=None, help="number of problems (all)")
-    parser.add_argument("--offset", type=int, default=0, help="first problem's index (0)")
-    parser.add_argument(
-        "--max-tokens", type=int, default=512, help="generated tokens at most (512)"
-    )
-    parser.add_argument(
-        "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)"
-    )
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight at once (8)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument(
         "--max-model-len",
         type=int,
@@ -255,20 +246,16 @@ def server_args(
 ) -> list[str]:
     """`vllm serve` flags: identical on every side except the policy, its budget and its
     parameters."""
-    max_model_len = args.max_model_len or args.max_tokens + 1024
-    flags = [
-        "--enforce-eager",
-        "--dtype",
-        args.dtype,
-        "--max-model-len",
-        str(max_model_len),
-        "--no-enable-prefix-caching",
-        "--seed",
-        "0",
-        "--max-num-seqs",
-        str(max(args.concurrency, 1)),
-    ]
-    return flags + srv.policy_flags(case_policy, budget, policy_config) + args.server_arg
+    settings = {
+        "enforce_eager": True,
+        "dtype": args.dtype,
+        "max_model_len": args.max_model_len or args.max_tokens + 1024,
+        "enable_prefix_caching": False,
+        "seed": 0,
+        "max_num_seqs": max(args.concurrency, 1),
+    }
+    flags = cli_flags(settings) + srv.policy_flags(case_policy, budget, policy_config)
+    return flags + args.server_arg
 
 
 def group_by_policy(cases: Sequence[Case]) -> dict[str, list[Case]]:
@@ -280,19 +267,6 @@ def group_by_policy(cases: Sequence[Case]) -> dict[str, list[Case]]:
         if case not in groups[case.series]:
             groups[case.series].append(case)
     return groups
-
-
-@contextlib.contextmanager
-def _openai_client(base_url: str, timeout: float) -> Iterator[Any]:
-    import openai
-
-    client = openai.OpenAI(
-        base_url=f"{base_url.rstrip('/')}/v1", api_key="unused", timeout=timeout, max_retries=0
-    )
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 # -- results ------------------------------------------------------------------------------
@@ -351,13 +325,7 @@ def report(
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    for flag, value, low in (
-        ("--max-tokens", args.max_tokens, 1),
-        ("--concurrency", args.concurrency, 1),
-    ):
-        if value < low:
-            raise SystemExit(f"{flag} {value} is invalid: it must be >= {low}")
-    problems = DATASETS[args.dataset](limit=args.limit, offset=args.offset)
+    problems = load_problems(args)
     if args.serve is not None and any(c.budget is None and c.policy != "none" for c in args.cases):
         raise SystemExit("--serve needs a budget for every policy case (e.g. crystal:256)")
 
@@ -380,7 +348,14 @@ def main(argv: list[str] | None = None) -> None:
     def run_all(
         base_url: str, cases: Sequence[Case], slug: str | None, server_log: Path | None
     ) -> str:
-        with _openai_client(base_url, args.request_timeout) as client:
+        import openai
+
+        with openai.OpenAI(
+            base_url=f"{base_url.rstrip('/')}/v1",
+            api_key="unused",
+            timeout=args.request_timeout,
+            max_retries=0,
+        ) as client:
             model_name = args.model_name or client.models.list().data[0].id
             slug = slug or _model_slug(model_name)
             counted = 0  # the server's evictions so far

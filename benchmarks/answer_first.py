@@ -39,18 +39,12 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a file: make `benchmarks.common` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (  # noqa: E402
-    FINAL_ANSWER_PREFIX,
-    Problem,
-    cli,
-    extract_answer,
-    is_correct,
-    load_aime2025,
-    load_gsm8k,
-    markdown_table,
-    render_prompt,
-)
+from benchmarks.common import cli  # noqa: E402
 from benchmarks.common import policies as pol  # noqa: E402
+from benchmarks.common.datasets import Problem, add_dataset_args, load_problems  # noqa: E402
+from benchmarks.common.grading import extract_answer, is_correct  # noqa: E402
+from benchmarks.common.prompts import FINAL_ANSWER_PREFIX, render_prompt  # noqa: E402
+from benchmarks.common.results import markdown_table  # noqa: E402
 from crystal_vllm.models import MODEL_NAMES, prepare_model  # noqa: E402
 from crystal_vllm.policy import POLICY_NAMES, KVPolicy, make_policy  # noqa: E402
 
@@ -403,15 +397,7 @@ DEFAULT_POLICIES = (*POLICY_NAMES, *(f"{k}={v[0]}" for k, v in DEFAULT_VARIANTS.
 def _parse_policies(text: str) -> dict[str, str]:
     """``label=policy`` or ``policy`` entries -> ``{label: policy}``."""
     out: dict[str, str] = {}
-    for item in (v.strip() for v in text.split(",")):
-        if not item:
-            continue
-        label, _, name = item.rpartition("=")
-        label = label or name
-        if name not in POLICY_NAMES:
-            raise argparse.ArgumentTypeError(
-                f"unknown policy {name!r} in {item!r}; allowed: {', '.join(POLICY_NAMES)}"
-            )
+    for label, name in map(pol.parse_policy, filter(None, map(str.strip, text.split(",")))):
         if label in out:
             raise argparse.ArgumentTypeError(f"policy label {label!r} given twice")
         out[label] = name
@@ -432,11 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", choices=MODEL_NAMES, default="smollm2", help="model to run")
-    parser.add_argument(
-        "--dataset", choices=("gsm8k", "aime2025"), default="gsm8k", help="problem set"
-    )
-    parser.add_argument("--limit", type=cli.positive_int, default=20, help="number of problems")
-    parser.add_argument("--offset", type=int, default=0, help="index of the first problem")
+    add_dataset_args(parser, limit=20)
     parser.add_argument(
         "--max-new-tokens",
         type=cli.positive_int,
@@ -512,11 +494,6 @@ def policy_params(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         params.update(args.policy_config.get(label, {}))
         out[label] = params
     return out
-
-
-def _load_problems(dataset: str, limit: int, offset: int) -> list[Problem]:
-    loader = load_gsm8k if dataset == "gsm8k" else load_aime2025
-    return loader(limit=limit, offset=offset)
 
 
 def analyse_problem(
@@ -715,7 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.policies.items(), policy_params(args).values(), strict=True
         )
     }
-    problems = _load_problems(args.dataset, args.limit, args.offset)
+    problems = load_problems(args)
 
     records: list[ProblemRecord] = []
     bar = tqdm(problems, desc=f"answer-first {args.model}", unit="problem")

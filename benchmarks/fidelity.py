@@ -323,17 +323,6 @@ def summarize_policy(
     }
 
 
-def parse_policy(text: str) -> tuple[str, str]:
-    """``POLICY`` or ``LABEL=POLICY`` -> (label, policy)."""
-    label, _, policy = text.rpartition("=")
-    if policy not in pol.POLICIES[1:]:
-        raise argparse.ArgumentTypeError(
-            f"policy {policy!r} in {text!r} is not one to compare with none; allowed: "
-            f"{', '.join(pol.POLICIES[1:])}"
-        )
-    return label or policy, policy
-
-
 def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
     return (run_reference if spec["policy"] == "none" else run_policy)(spec)
 
@@ -344,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--policies",
         nargs="+",
-        type=parse_policy,
+        type=pol.parse_policy,
         default=[(p, p) for p in ("crystal", "crystal-lite", "streaming", "h2o", "snapkv", "rkv")],
         metavar="[LABEL=]POLICY",
         help=f"policies compared with none, each POLICY or LABEL=POLICY (policies: "
@@ -359,14 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV entries kept per layer and KV head; eviction needs budgets below "
         "prompt + output length (default: 32 64)",
     )
-    for flag, default, what in (
+    cli.add_counts(
+        parser,
         ("--num-prompts", 20, "GSM8K questions"),
         ("--max-tokens", 192, "new tokens at most"),
         ("--top-k", 20, "reference logprobs per step for the KL"),
-    ):
-        parser.add_argument(
-            flag, type=cli.positive_int, default=default, help=f"{what} ({default})"
-        )
+    )
     parser.add_argument("--offset", type=int, default=0, help="first question's index (0)")
     parser.add_argument("--dtype", default="float32", help="every engine's dtype (float32: exact)")
     parser.add_argument("--max-model-len", type=int, default=2048, help="every engine's context")

