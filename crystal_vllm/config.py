@@ -115,14 +115,6 @@ class CrystalKVConfig:
         """Whether a think-end token is known (after startup resolution)."""
         return self.think_end_token is not None and self.think_end_token != NO_THINK_TOKEN
 
-    def budget_after_think(self, budget: int) -> int:
-        """A request's budget once its think stage has ended."""
-        return budget + self.answer_reserve
-
-    def max_request_budget(self) -> int:
-        """The largest budget any request can reach: what memory is sized for."""
-        return self.budget_after_think(self.budget) if self.has_think_stage else self.budget
-
     @property
     def enabled(self) -> bool:
         """Whether KV entries are managed by this project (any policy but ``none``)."""

@@ -1,7 +1,7 @@
 """Triton kernels of the per-head paged KV operations (installed as ``crystal_vllm.kernels``).
 
 The launchers here trust their inputs' shapes and dtypes; argument checks, error
-messages and fallbacks live in :mod:`crystal_vllm.ops.triton`, the implementation the
+messages and fallbacks live in :mod:`crystal_vllm.ops.triton_ops`, the implementation the
 ops dispatcher calls. On CPU tensors the kernels run only in Triton's interpreter
 (``TRITON_INTERPRET=1`` set before ``triton`` is first imported), which is how CI tests
 them; see ``kernels/README.md``.

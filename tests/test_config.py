@@ -101,9 +101,6 @@ def test_parse_policy_config_accepts_mapping_and_empty() -> None:
 def test_think_stage_budgets() -> None:
     off = CrystalKVConfig(policy="crystal", budget=64, think_end_token=-1)
     assert not off.has_think_stage
-    assert off.max_request_budget() == 64
     on = CrystalKVConfig(policy="crystal", budget=64, think_end_token=5, answer_reserve=100)
     assert on.has_think_stage
-    assert on.budget_after_think(10) == 110
-    assert on.max_request_budget() == 164
     assert CrystalKVConfig.from_additional_config(on.to_additional_config()) == on

@@ -10,25 +10,29 @@ by the environment variable ``CRYSTAL_VLLM_OPS``:
 * ``cpu``: the C++ kernels (:mod:`crystal_vllm.ops.cpu`, needs the ``crystal_vllm._C``
   extension; without it the name is known but unavailable);
 * ``triton``: the Triton kernels of the repository's ``kernels/`` directory, installed as
-  ``crystal_vllm.kernels`` (:mod:`crystal_vllm.ops.triton`; CUDA tensors, or CPU tensors
-  under ``TRITON_INTERPRET=1``); ``gather_kv``, ``move_entries`` and ``first_free_slots``
-  are the reference's. Its value checks cost a host sync per op;
-  ``crystal_vllm.ops.triton.set_value_checks(False)`` turns them off.
+  ``crystal_vllm.kernels`` (:mod:`crystal_vllm.ops.triton_ops`; CUDA tensors, or CPU
+  tensors under ``TRITON_INTERPRET=1``); ``gather_kv``, ``move_entries`` and
+  ``first_free_slots`` are the reference's. Its value checks cost a host sync per op;
+  ``crystal_vllm.ops.triton_ops.set_value_checks(False)`` turns them off.
 
 An implementation is a module that defines every name in ``OPS`` with the signatures
-of :mod:`crystal_vllm.ops.torch_ref`. The variable is read on every call so tests can
-switch implementations with ``monkeypatch.setenv``.
+of :mod:`crystal_vllm.ops.torch_ref`. It may also offer the fused LRFU decode kernel
+(``lrfu_decode`` and ``lrfu_decode_applies``, see :func:`fused_lrfu_decode`); the torch
+reference does not: its callers run the policy's generic step instead, which is the
+kernels' oracle. The variable is read on every call so tests can switch implementations
+with ``monkeypatch.setenv``. Nothing here knows about policies.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
 
-from crystal_vllm.policy.lrfu import LRFUPolicy, LRFUState
+from crystal_vllm.ops.decode import DecodeLayer, LRFUTensors
 
 ENV_VAR = "CRYSTAL_VLLM_OPS"
 OPS = (
@@ -36,7 +40,6 @@ OPS = (
     "gather_kv",
     "paged_decode_attention",
     "move_entries",
-    "lrfu_decode_layer",
     "first_free_slots",
 )
 
@@ -46,7 +49,7 @@ OPS = (
 _REGISTRY: dict[str, str | None] = {
     "torch": "crystal_vllm.ops.torch_ref",
     "cpu": "crystal_vllm.ops.cpu",
-    "triton": "crystal_vllm.ops.triton",
+    "triton": "crystal_vllm.ops.triton_ops",
 }
 _AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")}
 _loaded: dict[str, ModuleType | None] = {}
@@ -63,14 +66,6 @@ def _load(name: str) -> ModuleType | None:
                 module = None
         _loaded[name] = module
     return _loaded[name]
-
-
-def fused_lrfu_supported(policy: LRFUPolicy) -> bool:
-    """Whether the compiled fused LRFU kernels implement this policy's configuration: the
-    served one (no prompt protection, hits recorded before a head is full; the server
-    refuses the others). Other configurations run torch_ref.lrfu_decode_layer."""
-    config = policy.config
-    return not config.protect_prompt and config.hits_before_full
 
 
 def available() -> list[str]:
@@ -149,49 +144,38 @@ def first_free_slots(valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return get_impl(device=valid.device).first_free_slots(valid, rows)
 
 
-def lrfu_decode_layer(
-    policy: LRFUPolicy,
-    state: LRFUState,
-    rows: torch.Tensor,
-    layer: int,
-    slots: torch.Tensor,
-    positions: torch.Tensor,
-    budgets: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_pool: torch.Tensor,
-    block_tables: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole LRFU decode step of one layer (insert, attend, hits, evict); see
-    :func:`torch_ref.lrfu_decode_layer`."""
-    return get_impl(device=kv_pool.device).lrfu_decode_layer(
-        policy,
-        state,
-        rows,
-        layer,
-        slots,
-        positions,
-        budgets,
-        query,
-        key,
-        value,
-        kv_pool,
-        block_tables,
-        scale,
-    )
+#: A fused LRFU decode kernel: ``(step, state, *, lam, top_p, gqa_max) -> (out, evicted)``.
+FusedLRFUDecode = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def fused_lrfu_decode(kv_pool: torch.Tensor) -> FusedLRFUDecode | None:
+    """The selected implementation's fused LRFU decode kernel for this pool, or None when
+    it has none (the torch reference) or cannot run on this pool (device, dtype, layout).
+
+    The kernel runs a whole decode layer under LRFU scoring in one call: insert the new
+    token, write its K/V, attend, GQA-reduce, record top-p hits, decay and evict. Its
+    signature: ``kernel(step: DecodeLayer, state: LRFUTensors, *, lam, top_p, gqa_max)``
+    returning ``out [b, Hq, D]`` and ``evicted [b, H]`` int32. It raises on inputs it does
+    not implement instead of falling back.
+    """
+    impl = get_impl(device=kv_pool.device)
+    applies = getattr(impl, "lrfu_decode_applies", None)
+    if applies is None or not applies(kv_pool):
+        return None
+    return impl.lrfu_decode
 
 
 __all__ = [
     "ENV_VAR",
     "OPS",
+    "DecodeLayer",
+    "FusedLRFUDecode",
+    "LRFUTensors",
     "available",
+    "fused_lrfu_decode",
     "gather_kv",
     "first_free_slots",
-    "fused_lrfu_supported",
     "get_impl",
-    "lrfu_decode_layer",
     "move_entries",
     "paged_decode_attention",
     "write_kv",

@@ -11,14 +11,16 @@ Semantics, argument checks and error types are those of :mod:`crystal_vllm.ops.t
 on another device, a pool dtype other than float32/bfloat16/float16, a pool whose last
 dimension is strided) go to the reference, as do ``gather_kv`` and ``move_entries``:
 they run outside the per-step decode path, so a kernel would not pay for itself.
+The fused LRFU step has no such fallback: :func:`lrfu_decode_applies` says which pools it
+takes, and :func:`crystal_vllm.ops.fused_lrfu_decode` asks it before handing it out.
 """
 
 from __future__ import annotations
 
 import torch
 
-from crystal_vllm.ops import fused_lrfu_supported, torch_ref
-from crystal_vllm.policy.lrfu import LRFUPolicy, LRFUState
+from crystal_vllm.ops import torch_ref
+from crystal_vllm.ops.decode import DecodeLayer, LRFUTensors
 
 try:
     from crystal_vllm import _C
@@ -32,7 +34,8 @@ __all__ = [
     "cpu_isa",
     "first_free_slots",
     "gather_kv",
-    "lrfu_decode_layer",
+    "lrfu_decode",
+    "lrfu_decode_applies",
     "move_entries",
     "paged_decode_attention",
     "set_cpu_isa",
@@ -114,76 +117,45 @@ def first_free_slots(valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.ops.crystal_vllm.first_free_slots(valid, rows.long().contiguous())
 
 
-def _fused_lrfu_applies(policy: LRFUPolicy, state: LRFUState, kv_pool: torch.Tensor) -> bool:
-    """The kernel implements the served configuration (no prompt protection, hits before
-    the cache is full) on CPU tensors laid out as the policy library allocates them."""
-    return (
-        _kernel_applies(kv_pool)
-        and fused_lrfu_supported(policy)
-        and all(getattr(state, name).is_contiguous() for name in _LRFU_FIELDS)
-    )
+def lrfu_decode_applies(kv_pool: torch.Tensor) -> bool:
+    """Whether :func:`lrfu_decode` runs on this pool (CPU, a kernel dtype, dense rows)."""
+    return _kernel_applies(kv_pool)
 
 
-def lrfu_decode_layer(
-    policy: LRFUPolicy,
-    state: LRFUState,
-    rows: torch.Tensor,
-    layer: int,
-    slots: torch.Tensor,
-    positions: torch.Tensor,
-    budgets: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_pool: torch.Tensor,
-    block_tables: torch.Tensor,
-    scale: float,
+def lrfu_decode(
+    step: DecodeLayer, state: LRFUTensors, *, lam: float, top_p: float, gqa_max: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole LRFU decode step of one layer in one C++ call; see
-    :func:`torch_ref.lrfu_decode_layer`.
+    """A whole LRFU decode layer in one C++ call; see :func:`crystal_vllm.ops.fused_lrfu_decode`.
 
-    Decisions equal the reference's except where two candidates are within rounding of
-    each other: the attention probabilities differ by ~1 ulp (see
+    Decisions equal the policy's generic step except where two candidates are within
+    rounding of each other: the attention probabilities differ by ~1 ulp (see
     :func:`paged_decode_attention`), the top-p prefix mass is summed in float64, and
     ``lam ** age`` comes from the C library's ``powf``.
     """
-    if not _fused_lrfu_applies(policy, state, kv_pool):
-        return torch_ref.lrfu_decode_layer(
-            policy,
-            state,
-            rows,
-            layer,
-            slots,
-            positions,
-            budgets,
-            query,
-            key,
-            value,
-            kv_pool,
-            block_tables,
-            scale,
+    if not _kernel_applies(step.kv_pool):
+        raise ValueError(
+            "lrfu_decode: the C++ kernel takes a CPU pool of float32, bfloat16 or float16 "
+            f"with a dense last dimension, got {step.kv_pool.dtype} on {step.kv_pool.device} "
+            f"with strides {step.kv_pool.stride()}"
         )
-    config = policy.config
+    fields = [getattr(state, name) for name in _LRFU_FIELDS]
+    if not all(t.is_contiguous() for t in fields):
+        raise ValueError("lrfu_decode: the state tensors must be contiguous")
     return torch.ops.crystal_vllm.lrfu_decode(
-        query,
-        key,
-        value,
-        kv_pool,
-        block_tables,
-        rows.long().contiguous(),
-        layer,
-        slots.long().contiguous(),
-        positions.long().contiguous(),
-        budgets.long().contiguous(),
-        state.valid,
-        state.position,
-        state.born,
-        state.crf,
-        state.tau,
-        state.prompt,
+        step.query,
+        step.key,
+        step.value,
+        step.kv_pool,
+        step.block_tables,
+        step.rows.long().contiguous(),
+        step.layer,
+        step.slots.long().contiguous(),
+        step.positions.long().contiguous(),
+        step.budgets.long().contiguous(),
+        *fields,
         state.step,
-        float(scale),
-        float(config.lam),
-        float(config.top_p),
-        config.gqa_reduce == "max",
+        float(step.scale),
+        float(lam),
+        float(top_p),
+        bool(gqa_max),
     )

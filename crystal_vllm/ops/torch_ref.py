@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from crystal_vllm.policy.lrfu import LRFUPolicy, LRFUState
-
 __all__ = [
     "first_free_slots",
     "gather_kv",
-    "lrfu_decode_layer",
     "move_entries",
     "paged_decode_attention",
     "write_kv",
@@ -231,59 +228,3 @@ def first_free_slots(valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     ``rows [b]`` -> ``[b, L, H]`` int64, ``-1`` where every slot is live."""
     has_free, slot = (~valid[rows]).view(torch.uint8).max(dim=-1)  # first maximal index
     return torch.where(has_free.bool(), slot, -1)
-
-
-def lrfu_decode_layer(
-    policy: LRFUPolicy,
-    state: LRFUState,
-    rows: torch.Tensor,
-    layer: int,
-    slots: torch.Tensor,
-    positions: torch.Tensor,
-    budgets: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_pool: torch.Tensor,
-    block_tables: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode step of one layer under an LRFU policy (``crystal``, ``crystal-lite``,
-    ``lru``): insert the new token, attend, record the top-p hits, evict to the budget.
-
-    This is the composition the fused kernels replace, written with the policy library
-    itself, so it is their oracle by construction.
-
-    Args:
-        policy: an :class:`~crystal_vllm.policy.lrfu.LRFUPolicy` (its ``lam``, ``top_p``,
-            ``gqa_reduce``, ``protect_prompt`` and ``hits_before_full`` apply).
-        state: the policy's full state (``[R, L, H, S]`` fields, ``step [R]``); the rows'
-            ``step`` must already count this step (``policy.begin_step``). Updated in place.
-        rows: ``[b]`` long, distinct rows of the state, in batch order.
-        layer: the layer index into ``state`` and ``block_tables``.
-        slots: ``[b, H]`` long, the free slot of each head that takes the new token.
-        positions: ``[b]`` long, the new token's logical position.
-        budgets: ``[b, H]`` long, entries each head keeps after the step.
-        query: ``[b, Hq, D]``; key, value: ``[b, H, D]`` (the new token).
-        kv_pool: ``[num_head_blocks, 2, block_size, D]``, written in place.
-        block_tables: ``[R, L, H, MB]`` head-block ids of every row and layer.
-        scale: multiplier of ``q . k``.
-
-    Returns:
-        ``out [b, Hq, D]`` in the query dtype and ``evicted [b, H]`` int32, the number of
-        entries each head dropped.
-    """
-    layer_state = state.layer(layer)
-    b, h = slots.shape
-    new = torch.zeros(b, 1, h, state.num_slots, dtype=torch.bool, device=slots.device)
-    new.scatter_(-1, slots[:, None, :, None], True)
-    policy.insert(layer_state, rows, new, positions.view(b, 1, 1, 1).expand_as(new))
-    tables = block_tables[rows, layer]
-    write_kv(kv_pool, tables, slots[:, :, None], key[:, None], value[:, None])
-    valid = state.valid[rows, layer]
-    out, probs = paged_decode_attention(query, kv_pool, tables, valid, scale)
-    layer_budgets = budgets[:, None]
-    policy.observe(layer_state, rows, probs[:, None], budgets=layer_budgets)
-    evict = policy.select_evictions(layer_state, rows, layer_budgets)
-    policy.remove(layer_state, rows, evict)
-    return out, evict[:, 0].sum(-1, dtype=torch.int32)

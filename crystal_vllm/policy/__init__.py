@@ -17,7 +17,7 @@ from crystal_vllm.policy.configs import (
     SnapKVConfig,
     StreamingConfig,
 )
-from crystal_vllm.policy.lrfu import CrystalPolicy, LRFUPolicy, LRUPolicy
+from crystal_vllm.policy.lrfu import CrystalLitePolicy, CrystalPolicy, LRFUPolicy, LRUPolicy
 from crystal_vllm.policy.registry import (
     POLICY_NAMES,
     make_policy,
@@ -31,6 +31,7 @@ __all__ = [
     "POLICY_NAMES",
     "UNBOUNDED",
     "CrystalConfig",
+    "CrystalLitePolicy",
     "CrystalPolicy",
     "FullConfig",
     "FullPolicy",

@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from crystal_vllm import ops
+from crystal_vllm.ops import DecodeLayer
 from crystal_vllm.policy.select import gqa_reduce, masked_update, row_index
 
 #: ``max_resident`` of a policy that never evicts.
@@ -215,11 +217,58 @@ class KVPolicy(ABC):
         the current step.
         """
 
+    def decode_layer(
+        self, state: PolicyState, step: DecodeLayer
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode layer: write the new token, attend, observe, select and remove.
+
+        The rows' step counters must already count this step (``begin_step``). This
+        generic composition serves every policy and is the oracle of the fused kernels.
+        Returns ``out [b, Hq, D]`` and ``evicted [b, H]`` int32, the entries each head
+        dropped.
+        """
+        layer_state = state.layer(step.layer)
+        b, h = step.slots.shape
+        new = torch.zeros(b, 1, h, state.num_slots, dtype=torch.bool, device=step.slots.device)
+        new.scatter_(-1, step.slots[:, None, :, None], True)
+        positions = step.positions.view(b, 1, 1, 1).expand_as(new)
+        self.insert(layer_state, step.rows, new, positions)
+        tables = step.layer_tables
+        slots = step.slots[:, :, None]
+        ops.write_kv(step.kv_pool, tables, slots, step.key[:, None], step.value[:, None])
+        valid = state.valid[step.rows, step.layer]
+        out, probs = ops.paged_decode_attention(step.query, step.kv_pool, tables, valid, step.scale)
+        budgets = step.budgets[:, None]
+        self.observe(layer_state, step.rows, probs[:, None], budgets=budgets)
+        keys = None
+        if self.needs_keys:
+            keys = ops.gather_kv(step.kv_pool, tables, state.num_slots)[0][:, None].float()
+        evict = self.select_evictions(layer_state, step.rows, budgets, keys=keys)
+        self.remove(layer_state, step.rows, evict)
+        return out, evict[:, 0].sum(-1, dtype=torch.int32)
+
+    def end_step(
+        self,
+        state: PolicyState,
+        rows: torch.Tensor,
+        budgets: torch.Tensor,
+        *,
+        max_per_head: int,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Budget changes at the end of a step, after every layer observed it.
+
+        Returns ``(due_rows, new_budgets [n, L, H])`` for the rows of ``rows`` whose
+        per-head ``budgets [b, L, H]`` change now, or None. The caller evicts down to the new
+        budgets. Uniform-budget policies never change them.
+        """
+        return None
+
     def head_utilisation(self, state: PolicyState, rows: torch.Tensor) -> torch.Tensor:
         """``S[l, h]`` of Algorithm 2; policies without a score report their occupancy."""
         ri = row_index(rows, state.num_rows)
         return state.valid[ri].sum(-1).to(torch.float32)
 
     @abstractmethod
-    def max_resident(self, budget: int) -> int:
-        """Most entries one head can hold between steps for ``budget`` (memory to reserve)."""
+    def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:
+        """Most entries one head can hold between steps for ``budget`` (memory to reserve);
+        elementwise on a tensor of budgets."""

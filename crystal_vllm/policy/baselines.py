@@ -39,7 +39,7 @@ class FullPolicy(KVPolicy):
         ri = row_index(rows, state.num_rows)
         return torch.zeros_like(state.valid[ri])
 
-    def max_resident(self, budget: int) -> int:
+    def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:
         """:data:`UNBOUNDED`: a head grows with the sequence."""
         return UNBOUNDED
 
@@ -72,7 +72,7 @@ class StreamingPolicy(KVPolicy):
             primary, secondary, valid & ~born_now, _excess(valid, born_now, budgets)
         )
 
-    def max_resident(self, budget: int) -> int:
+    def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:
         return budget + 1
 
 
@@ -140,7 +140,7 @@ class H2OPolicy(KVPolicy):
         ri = row_index(rows, state.num_rows)
         return torch.where(state.valid[ri], state.acc[ri], 0.0).sum(-1)
 
-    def max_resident(self, budget: int) -> int:
+    def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:
         return budget + 1
 
 

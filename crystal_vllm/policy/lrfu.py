@@ -1,8 +1,8 @@
 """Crystal-KV's attention-LRFU policy (paper Algorithm 1) and its variants.
 
 ``crystal-lite`` is LRFU with uniform budgets, ``lru`` the same with ``lam = 0``, and
-``crystal`` adds Algorithm 2 (see :mod:`crystal_vllm.policy.allocator`), which the caller runs
-every ``realloc_interval`` steps with :meth:`CrystalPolicy.reallocate`.
+``crystal`` adds Algorithm 2 (see :mod:`crystal_vllm.policy.allocator`) at the end of every
+``realloc_interval``-th step (:meth:`CrystalPolicy.end_step`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from crystal_vllm import ops
+from crystal_vllm.ops import DecodeLayer
 from crystal_vllm.policy.allocator import allocate_budgets
 from crystal_vllm.policy.base import KVPolicy, PolicyState
 from crystal_vllm.policy.configs import CrystalConfig, LRFUConfig, LRUConfig
@@ -36,14 +38,14 @@ class LRFUState(PolicyState):
 
 
 class LRFUPolicy(KVPolicy):
-    """Keep, per head, the entries with the highest decayed CRF (``crystal-lite``).
+    """Keep, per head, the entries with the highest decayed CRF (the LRFU family's base).
 
     ``CRF_t(e) = sum_j lam**(t - t_j)`` over the steps ``t_j`` at which ``e`` was inside its
     head's top-p attention nucleus, stored as ``(crf, tau)`` and decayed only when read.
+    A decode layer runs as one fused kernel where the ops offer one for the pool and the
+    configuration is one the kernels implement, else as the generic step.
     """
 
-    name: ClassVar[str] = "crystal-lite"
-    config_cls: ClassVar[type] = LRFUConfig
     state_cls: ClassVar[type[PolicyState]] = LRFUState
     config: LRFUConfig
 
@@ -71,6 +73,23 @@ class LRFUPolicy(KVPolicy):
         t = state.step[ri].view(-1, 1, 1, 1)
         age = (t - state.tau[ri]).to(torch.float32)
         return state.crf[ri] * torch.pow(self.config.lam, age)
+
+    def kernel_params(self) -> dict[str, Any] | None:
+        """The scalars the fused LRFU kernels take, or None when this configuration needs
+        something they do not implement (prompt protection, hits only once full)."""
+        config = self.config
+        if config.protect_prompt or not config.hits_before_full:
+            return None
+        return {"lam": config.lam, "top_p": config.top_p, "gqa_max": config.gqa_reduce == "max"}
+
+    def decode_layer(
+        self, state: LRFUState, step: DecodeLayer
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        params = self.kernel_params()
+        kernel = ops.fused_lrfu_decode(step.kv_pool) if params is not None else None
+        if kernel is None:
+            return super().decode_layer(state, step)
+        return kernel(step, state, **params)
 
     def _counted(self, state: LRFUState, rows: torch.Tensor) -> torch.Tensor:
         """Entries that count against the budget (and may be evicted)."""
@@ -131,10 +150,17 @@ class LRFUPolicy(KVPolicy):
         crf = self.decayed_crf(state, rows)
         return torch.where(self._counted(state, rows), crf, 0.0).sum(-1)
 
-    def max_resident(self, budget: int) -> int:
+    def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:
         """The budget plus the entry written in the step before its victim leaves
         (prompt entries under ``protect_prompt`` come on top of this)."""
         return budget + 1
+
+
+class CrystalLitePolicy(LRFUPolicy):
+    """``crystal-lite``: LRFU with one uniform budget for every (layer, KV head)."""
+
+    name: ClassVar[str] = "crystal-lite"
+    config_cls: ClassVar[type] = LRFUConfig
 
 
 class LRUPolicy(LRFUPolicy):
@@ -155,23 +181,34 @@ class CrystalPolicy(LRFUPolicy):
     def adaptive_budgets(self) -> bool:
         return True
 
-    def reallocate(
+    def end_step(
         self,
         state: LRFUState,
         rows: torch.Tensor,
         budgets: torch.Tensor,
-        total: torch.Tensor,
-        max_per_head: int | torch.Tensor,
-    ) -> torch.Tensor:
-        """New budgets ``[b, L, H]`` from the rows' current utilisation (Algorithm 2).
+        *,
+        max_per_head: int,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Algorithm 2 every ``realloc_interval`` steps of a row's own counter, once every
+        head of the row holds its budget (before that, utilisation means nothing).
 
         ``state`` must be the full state (all layers), since budget moves between layers.
         """
-        return allocate_budgets(
-            self.head_utilisation(state, rows),
-            budgets,
-            total,
+        ri = row_index(rows, state.num_rows)
+        due = state.step[ri] % self.config.realloc_interval == 0
+        if not bool(due.any()):  # most steps: skip counting the entries of every head
+            return None
+        held = self._counted(state, rows[due]).sum(dim=-1)
+        filled = (held >= budgets[due]).flatten(1).all(dim=1)
+        if not bool(filled.any()):
+            return None
+        due_rows, due_budgets = rows[due][filled], budgets[due][filled]
+        new_budgets = allocate_budgets(
+            self.head_utilisation(state, due_rows),
+            due_budgets,
+            due_budgets.sum(dim=(1, 2)),
             floor_ratio=self.config.floor_ratio,
             min_tokens=self.config.min_tokens,
             max_per_head=max_per_head,
         )
+        return due_rows, new_budgets

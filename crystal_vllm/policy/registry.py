@@ -8,7 +8,7 @@ from typing import Any
 
 from crystal_vllm.policy.base import KVPolicy
 from crystal_vllm.policy.baselines import FullPolicy, H2OPolicy, StreamingPolicy
-from crystal_vllm.policy.lrfu import CrystalPolicy, LRFUPolicy, LRUPolicy
+from crystal_vllm.policy.lrfu import CrystalLitePolicy, CrystalPolicy, LRUPolicy
 from crystal_vllm.policy.windowed import RKVPolicy, SnapKVPolicy
 
 _POLICIES: dict[str, type[KVPolicy]] = {
@@ -16,7 +16,7 @@ _POLICIES: dict[str, type[KVPolicy]] = {
     for cls in (
         FullPolicy,
         CrystalPolicy,
-        LRFUPolicy,
+        CrystalLitePolicy,
         LRUPolicy,
         StreamingPolicy,
         H2OPolicy,

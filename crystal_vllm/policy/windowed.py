@@ -122,7 +122,7 @@ class SnapKVPolicy(KVPolicy):
     ) -> torch.Tensor:
         return self._importance(state, r, li, hi, valid, order)
 
-    def max_resident(self, budget: int) -> int:
+    def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:
         return budget + self.config.buffer
 
 

@@ -1,5 +1,5 @@
 """The per-step runtime: policy + head-block tables + ops, for one worker. No vLLM import."""
 
-from crystal_vllm.runtime.compressed_cache import CompressedKVCache, StepRequest
+from crystal_vllm.runtime.compressed_cache import CacheSummary, CompressedKVCache, StepRequest
 
-__all__ = ["CompressedKVCache", "StepRequest"]
+__all__ = ["CacheSummary", "CompressedKVCache", "StepRequest"]

@@ -1,14 +1,20 @@
 """One worker's compressed KV cache: the step lifecycle that ties a policy to the pool.
 
-The vLLM attention backend calls, per model step: :meth:`CompressedKVCache.begin_step`
-once (with the scheduled requests), :meth:`CompressedKVCache.attention` once per layer,
-:meth:`CompressedKVCache.end_step` once, and :meth:`CompressedKVCache.release` when a
-request finishes, is aborted or is preempted. Everything is keyed by request id; rows
-of the persistent state are assigned here and never leak to the caller.
+The model runner (``crystal_vllm.vllm_ext.runner_mixin``) drives it, per model step:
+:meth:`CompressedKVCache.begin_step` once the batch is settled (with the scheduled
+requests and their budgets), :meth:`CompressedKVCache.attention` once per layer (from the
+attention backend, which finds the cache in the step's metadata),
+:meth:`CompressedKVCache.end_step` after the forward pass, and
+:meth:`CompressedKVCache.release` when a request finishes, is aborted or is preempted.
+Everything is keyed by request id; rows of the persistent state are assigned here and
+never leak to the caller.
 
-Order inside one decode step, per (layer, KV head) (ALGORITHM.md §2): write the new
-token's K/V into a free slot, attend over all entries including it, record the hits,
-evict down to the budget (the freed slot takes the next token).
+A decode layer is the policy's own step (:meth:`~crystal_vllm.policy.KVPolicy.decode_layer`):
+write the new token's K/V into the free slot picked here, attend over all entries
+including it, record the hits, evict down to the budget (ALGORITHM.md §2); LRFU policies
+run it as one fused kernel where the ops offer one. At the end of a step the policy may
+move budgets (:meth:`~crystal_vllm.policy.KVPolicy.end_step`, Algorithm 2 for
+``crystal``); surplus head-blocks then go back to the request.
 Prefill (never chunked: the platform turns chunked prefill off): causal attention over
 the prompt, then, per layer, a scratch policy state over all prompt tokens is warmed
 with the last ``obs_window`` queries and evicted down to the budget; only the kept
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,8 +33,8 @@ import torch.nn.functional as F
 
 from crystal_vllm import ops
 from crystal_vllm.cache import HeadBlockLayout, HeadBlockTables
-from crystal_vllm.policy import KVPolicy, LRFUPolicy
-from crystal_vllm.policy.allocator import allocate_budgets
+from crystal_vllm.ops import DecodeLayer
+from crystal_vllm.policy import KVPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +56,35 @@ class StepRequest:
 
 @dataclass
 class CacheStats:
-    """Counters for observability (exported by the vLLM layer)."""
+    """Counters the cache advances as it runs."""
 
     evictions: int = 0
     reallocations: int = 0
     prefill_evictions: int = 0
     steps: int = 0
+
+
+@dataclass(frozen=True)
+class CacheSummary:
+    """One worker's counters and occupancy at one moment: the single public view of the
+    cache, read by the stats log line, the benchmarks (``collective_rpc``) and metrics.
+
+    ``evictions`` counts decode-time and reallocation evictions, ``prefill_evictions``
+    the prompt entries dropped right after a prefill.
+    """
+
+    requests: int
+    steps: int
+    evictions: int
+    prefill_evictions: int
+    reallocations: int
+    head_blocks_in_use: int
+    head_blocks_capacity: int
+    kept_per_layer: list[int]
+
+    @property
+    def total_evictions(self) -> int:
+        return self.evictions + self.prefill_evictions
 
 
 @dataclass
@@ -67,8 +96,6 @@ class _StepPlan:
     decode_budgets: torch.Tensor  # long [L, b, H]
     prefills: list[tuple[int, int, int]] = field(default_factory=list)
     # (row, first token index, num tokens)
-    fused_decode: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
-    # the ops implementation's lrfu_decode_layer, resolved once per step
     evicted: list[torch.Tensor] = field(default_factory=list)  # per-layer counts, summed
     # at the end of the step (one sync per step instead of one per layer)
 
@@ -89,9 +116,6 @@ class CompressedKVCache:
         debug_checks: bool = False,
     ) -> None:
         self.policy = policy
-        # LRFU policies run a whole decode layer in one fused op (insert, attention, hits,
-        # evictions); the others go through the generic observe/select/remove path.
-        self._fused_lrfu = isinstance(policy, LRFUPolicy)
         self.layout = layout
         self.kv_pool = kv_pool
         self.scale = scale
@@ -187,10 +211,6 @@ class CompressedKVCache:
             self.policy.begin_step(self.state, rows)
             need = torch.ones(len(decode_rows), L, H, dtype=torch.bool, device=device)
             slots = self.tables.assign_slots(rows, self.state.valid, need)
-            if not self._fused_lrfu:  # the fused op inserts each layer's entry itself
-                new = F.one_hot(slots, self.max_slots).bool()
-                expanded = positions[:, None, None, None].expand_as(new)
-                self.policy.insert(self.state, rows, new, expanded)
         # The common step (decodes only, batch order = token order) needs no gather/scatter.
         tokens: torch.Tensor | slice = torch.tensor(decode_tokens, dtype=torch.long, device=device)
         if not prefills:
@@ -202,9 +222,6 @@ class CompressedKVCache:
             decode_positions=positions,
             decode_budgets=self.budgets[rows].transpose(0, 1).contiguous(),
             prefills=[p[:3] for p in prefills],
-            fused_decode=(
-                ops.get_impl(device=device).lrfu_decode_layer if self._fused_lrfu else None
-            ),
         )
 
     def _update_budget(self, row: int, request: StepRequest) -> None:
@@ -246,7 +263,7 @@ class CompressedKVCache:
         self.stats.steps += 1
         if plan is not None and plan.evicted:
             self.stats.evictions += int(torch.stack(plan.evicted).sum())
-        if plan is not None and self.policy.adaptive_budgets and plan.decode_rows.numel():
+        if plan is not None and plan.decode_rows.numel():
             self._reallocate(plan)
         if self.debug_checks:
             self.check_invariants()
@@ -254,42 +271,22 @@ class CompressedKVCache:
     # -- decode -------------------------------------------------------------------------
 
     def _decode_layer(self, layer, plan, query, key, value) -> torch.Tensor:
-        rows, tokens = plan.decode_rows, plan.decode_tokens
-        if plan.fused_decode is not None:
-            out, evicted = plan.fused_decode(
-                self.policy,
-                self.state,
-                rows,
-                layer,
-                plan.decode_slots[layer],
-                plan.decode_positions,
-                plan.decode_budgets[layer],
-                query[tokens],
-                key[tokens],
-                value[tokens],
-                self.kv_pool,
-                self.tables.block_tables,
-                self.scale,
-            )
-            plan.evicted.append(evicted)
-            return out
-        tables = self.tables.block_tables[rows, layer]
-        slots = plan.decode_slots[layer, :, :, None]
-        ops.write_kv(self.kv_pool, tables, slots, key[tokens, None], value[tokens, None])
-        valid = self.state.valid[rows, layer]
-        out, probs = ops.paged_decode_attention(
-            query[tokens], self.kv_pool, tables, valid, self.scale
+        tokens = plan.decode_tokens
+        step = DecodeLayer(
+            layer=layer,
+            rows=plan.decode_rows,
+            slots=plan.decode_slots[layer],
+            positions=plan.decode_positions,
+            budgets=plan.decode_budgets[layer],
+            query=query[tokens],
+            key=key[tokens],
+            value=value[tokens],
+            kv_pool=self.kv_pool,
+            block_tables=self.tables.block_tables,
+            scale=self.scale,
         )
-        layer_state = self.state.layer(layer)
-        self.policy.observe(layer_state, rows, probs[:, None])
-        keys = None
-        if self.policy.needs_keys:
-            keys = ops.gather_kv(self.kv_pool, tables, self.max_slots)[0][:, None].float()
-        evict = self.policy.select_evictions(
-            layer_state, rows, plan.decode_budgets[layer, :, None], keys=keys
-        )
-        self.policy.remove(layer_state, rows, evict)
-        self.stats.evictions += int(evict.sum())
+        out, evicted = self.policy.decode_layer(self.state, step)
+        plan.evicted.append(evicted)
         return out
 
     # -- prefill ------------------------------------------------------------------------
@@ -377,38 +374,23 @@ class CompressedKVCache:
     # -- adaptive budgets (Algorithm 2) ---------------------------------------------------
 
     def _reallocate(self, plan: _StepPlan) -> None:
-        config = self.policy.config
-        rows = plan.decode_rows
-        steps = self.state.step[rows]
-        due = steps % config.realloc_interval == 0
-        if not bool(due.any()):  # most steps: skip counting the entries of every head
-            return
-        rows = rows[due]
-        held = self.state.valid[rows].sum(dim=-1)
-        rows = rows[(held >= self.budgets[rows]).all(dim=-1).all(dim=-1)]  # cache has filled
-        if not rows.numel():
-            return
-        budgets = self.budgets[rows]
-        total = budgets.sum(dim=(1, 2))
-        new_budgets = allocate_budgets(
-            self.policy.head_utilisation(self.state, rows),
-            budgets,
-            total,
-            floor_ratio=config.floor_ratio,
-            min_tokens=config.min_tokens,
+        change = self.policy.end_step(
+            self.state,
+            plan.decode_rows,
+            self.budgets[plan.decode_rows],
             max_per_head=self.max_slots - 1,
         )
+        if change is None:
+            return
+        rows, new_budgets = change
         self.budgets[rows] = new_budgets
         evict = self.policy.select_evictions(self.state, rows, new_budgets)
         self.policy.remove(self.state, rows, evict)
         self.stats.evictions += int(evict.sum())
         self.stats.reallocations += int(rows.numel())
-        keep_blocks = torch.div(
-            new_budgets + 1 + self.layout.block_size - 1,
-            self.layout.block_size,
-            rounding_mode="floor",
-        )
-        self._compact(rows, keep_blocks)
+        # Each head keeps the head-blocks its new bound needs; the rest go back to the row.
+        resident = self.policy.max_resident(new_budgets)
+        self._compact(rows, -torch.div(-resident, self.layout.block_size, rounding_mode="floor"))
 
     def _compact(self, rows: torch.Tensor, keep_blocks: torch.Tensor) -> None:
         """Move entries out of surplus head-blocks and give those back to the row's pool."""
@@ -436,22 +418,24 @@ class CompressedKVCache:
         if bool((held > bound).any()):
             raise AssertionError("a head holds more entries than its budget allows")
 
-    def summary(self) -> dict[str, object]:
-        """Counters and occupancy for logs: evictions, reallocations, head-blocks in use and
-        the mean entries kept per (layer, KV head) of each layer over running requests."""
+    def summary(self) -> CacheSummary:
+        """The public counters and occupancy (log line, benchmarks, metrics)."""
         rows = sorted(self._rows.values())
         kept = (
             self.state.valid[rows].sum(dim=-1).float().mean(dim=(0, 2)).round().tolist()
             if rows
             else []
         )
-        return {
-            "requests": len(rows),
-            "evictions": self.stats.evictions + self.stats.prefill_evictions,
-            "reallocations": self.stats.reallocations,
-            "head_blocks_in_use": int(self.tables.num_head_blocks.sum()),
-            "kept_per_layer": kept,
-        }
+        return CacheSummary(
+            requests=len(rows),
+            steps=self.stats.steps,
+            evictions=self.stats.evictions,
+            prefill_evictions=self.stats.prefill_evictions,
+            reallocations=self.stats.reallocations,
+            head_blocks_in_use=int(self.tables.num_head_blocks.sum()),
+            head_blocks_capacity=self.layout.num_head_blocks,
+            kept_per_layer=[int(k) for k in kept],
+        )
 
     def request_ids(self) -> list[str]:
         """Requests that hold rows now."""

@@ -1,39 +1,59 @@
 """Worker side: the attention backend that replaces ``CPU_ATTN`` when a policy is active.
 
-The backend owns no state: it forwards each layer's query/key/value of the step to the
-worker's :class:`~crystal_vllm.runtime.CompressedKVCache`, which writes the K/V per head,
-attends over per-head block tables and feeds the policy. The metadata builder, called
-once per step before the first layer, starts the step (``begin_step``); the model
-runner ends it after the forward pass.
+The backend owns no state and starts nothing. The model runner owns the step (it begins
+it once the batch is known and ends it after the forward pass) and binds each metadata
+builder to its :class:`~crystal_vllm.runtime.CompressedKVCache` once the cache exists;
+the builder puts the cache into the step's metadata, and each layer's ``forward`` hands
+its query/key/value to that cache, which writes the K/V per head, attends over per-head
+block tables and feeds the policy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from vllm.v1.attention.backend import AttentionMetadataBuilder
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
 
-from crystal_vllm.vllm_ext import runner_registry
+from crystal_vllm.runtime import CompressedKVCache
 
 
 @dataclass
 class CrystalAttentionMetadata:
-    """All a layer needs: the step's request layout lives in the runtime."""
+    """All a layer needs: the cache running the step and where the layer sits in it (the
+    step's request layout lives in the cache)."""
 
     num_actual_tokens: int
+    cache: CompressedKVCache
+    layer_index: Mapping[str, int]
 
 
 class CrystalAttentionMetadataBuilder(AttentionMetadataBuilder[CrystalAttentionMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._cache: CompressedKVCache | None = None
+        self._layer_index: Mapping[str, int] = {}
+
+    def bind(self, cache: CompressedKVCache, layer_index: Mapping[str, int]) -> None:
+        """Called by the model runner once its cache exists."""
+        self._cache, self._layer_index = cache, layer_index
 
     def build(
         self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False
     ) -> CrystalAttentionMetadata:
-        runner_registry.active_runner().crystal_begin_step(common_attn_metadata)
-        return CrystalAttentionMetadata(num_actual_tokens=common_attn_metadata.num_actual_tokens)
+        cache = self._cache
+        if cache is None or not cache.in_step:
+            raise RuntimeError(
+                "crystal-vllm: attention metadata built outside a model step (the runner "
+                "begins each step before the forward pass)"
+            )
+        return CrystalAttentionMetadata(
+            num_actual_tokens=common_attn_metadata.num_actual_tokens,
+            cache=cache,
+            layer_index=self._layer_index,
+        )
 
 
 class CrystalAttentionImpl(CPUAttentionBackendImpl):
@@ -55,10 +75,9 @@ class CrystalAttentionImpl(CPUAttentionBackendImpl):
             raise NotImplementedError("fused output quantization is not supported")
         if attn_metadata is None:  # profiling / warm-up run: no requests, no cache
             return output
-        runner = runner_registry.active_runner()
         n = attn_metadata.num_actual_tokens
-        out = runner.crystal_cache.attention(
-            runner.crystal_layer_index[layer.layer_name],
+        out = attn_metadata.cache.attention(
+            attn_metadata.layer_index[layer.layer_name],
             query[:n].view(n, self.num_heads, self.head_size),
             key[:n].view(n, self.num_kv_heads, self.head_size),
             value[:n].view(n, self.num_kv_heads, self.head_size),

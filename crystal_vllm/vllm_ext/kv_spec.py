@@ -2,37 +2,17 @@
 
 vLLM's block accounting stays as it is; the manager only decides how many blocks a
 request may hold: like full attention until its resident tokens reach the policy's
-bound for its budget, then no more (ARCHITECTURE.md §3). The rule reads token counts
-only, so it is deterministic and needs no feedback from the worker, which mirrors it.
-After a think-end token the request's cap grows by the answer reserve.
+bound for its budget, then no more. The caps come from
+:class:`crystal_vllm.budget.BudgetRule`, which the worker applies to the same tokens, so
+the two sides agree without feedback.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
-
-
-def cap_blocks(max_resident: int, block_size: int, adaptive: bool) -> int:
-    """vLLM blocks one request may hold while it is compressed.
-
-    Each head holds at most ``max_resident`` entries. With uniform budgets every head
-    needs ``ceil(max_resident / block_size)`` head-blocks, which one row of vLLM blocks
-    provides. With adaptive budgets heads round up separately, which costs at most one
-    head-block per head: one more vLLM block (each block is one head-block per head).
-    """
-    return cdiv(max_resident, block_size) + (1 if adaptive else 0)
-
-
-def request_cap_blocks(policy, budget: int, block_size: int, max_model_len: int) -> int:
-    """The cap for one request with ``budget``, never more than its whole sequence needs."""
-    resident = min(policy.max_resident(budget), max_model_len)
-    return min(
-        cap_blocks(resident, block_size, policy.adaptive_budgets), cdiv(max_model_len, block_size)
-    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -17,6 +17,10 @@ class CrystalCPUModelRunner(CrystalRunnerMixin, CPUModelRunner):
 class CrystalCPUWorker(CPUWorker):
     """vLLM's CPU worker, running :class:`CrystalCPUModelRunner`."""
 
+    def crystal_kv_summary(self) -> dict[str, object] | None:
+        """The cache counters of this worker: ``LLM.collective_rpc("crystal_kv_summary")``."""
+        return self.model_runner.crystal_kv_summary()
+
     def init_device(self) -> None:
         super().init_device()
         self.model_runner = CrystalCPUModelRunner(self.vllm_config, torch.device("cpu"))

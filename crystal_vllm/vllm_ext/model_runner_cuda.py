@@ -15,7 +15,7 @@ from __future__ import annotations
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from vllm.v1.worker.gpu_worker import Worker
 
-from crystal_vllm.ops import triton as triton_ops
+from crystal_vllm.ops import triton_ops
 from crystal_vllm.vllm_ext.runner_mixin import CrystalRunnerMixin
 
 
@@ -38,6 +38,10 @@ class CrystalGPUModelRunner(CrystalRunnerMixin, GPUModelRunner):
 
 class CrystalGPUWorker(Worker):
     """vLLM's GPU worker, running :class:`CrystalGPUModelRunner`."""
+
+    def crystal_kv_summary(self) -> dict[str, object] | None:
+        """The cache counters of this worker: ``LLM.collective_rpc("crystal_kv_summary")``."""
+        return self.model_runner.crystal_kv_summary()
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -3,42 +3,16 @@
 ``kv_budget`` lets one request keep fewer KV entries than the server's ``--kv-budget``
 (never more: the server's memory quota is sized from its own budget). Validation runs
 in the front end through a logits-processor plugin's ``validate_params`` hook, which
-is where vLLM turns a ``ValueError`` into an HTTP 400 for that request alone.
+is where vLLM turns a ``ValueError`` into an HTTP 400 for that request alone. The rule
+itself is :func:`crystal_vllm.budget.requested_budget`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
-from crystal_vllm.config import CrystalKVConfig
-
-REQUEST_KEYS = ("kv_budget",)
-
-
-def request_budget(extra_args: Mapping[str, Any] | None, server: CrystalKVConfig) -> int:
-    """The budget one request runs with; raises ``ValueError`` naming the bad value."""
-    extra = extra_args or {}
-    unknown = sorted(k for k in extra if k.startswith("kv_") and k not in REQUEST_KEYS)
-    if unknown:
-        raise ValueError(
-            f"unknown per-request KV option(s) {', '.join(unknown)}; "
-            f"allowed: {', '.join(REQUEST_KEYS)}"
-        )
-    if "kv_budget" not in extra:
-        return server.budget
-    budget = extra["kv_budget"]
-    if not server.enabled:
-        raise ValueError("kv_budget was given, but this server runs with --kv-policy none")
-    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= server.budget:
-        raise ValueError(
-            f"kv_budget {budget!r} is invalid: it must be an integer in [1, {server.budget}] "
-            "(at most the server's --kv-budget)"
-        )
-    return budget
+from crystal_vllm.budget import requested_budget
 
 
 class KVRequestValidator(LogitsProcessor):
@@ -50,7 +24,7 @@ class KVRequestValidator(LogitsProcessor):
 
         config = server_config()
         if config is not None:
-            request_budget(sampling_params.extra_args, config)
+            requested_budget(sampling_params.extra_args, config)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         pass

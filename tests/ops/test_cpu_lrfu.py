@@ -1,10 +1,10 @@
-"""The fused C++ LRFU decode step (``cpu.lrfu_decode_layer``) against the reference.
+"""The fused C++ LRFU decode step (``cpu.lrfu_decode``) against the reference.
 
-The reference (``torch_ref.lrfu_decode_layer``) is the policy library's own observe /
-select / remove around the reference attention. Both sides run the same random
-multi-step scenario (rows scheduled in random subsets and orders, per-head budgets that
-change, heads that fill, evict and hold unassigned table entries) and must agree after
-every layer step:
+The reference is the policy's generic step (``KVPolicy.decode_layer``): the policy
+library's own insert / observe / select / remove around the reference attention, on the
+torch ops. Both sides run the same random multi-step scenario (rows scheduled in random
+subsets and orders, per-head budgets that change, heads that fill, evict and hold
+unassigned table entries) and must agree after every layer step:
 
 * ``out``: float32 attention from the same inputs, so ``|cpu - ref| <= 1e-5 * max|ref|``
   per row (the bound of test_cpu_kernels.py);
@@ -19,8 +19,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crystal_vllm.ops import torch_ref
-from crystal_vllm.policy import make_policy
+from crystal_vllm import ops
+from crystal_vllm.ops import DecodeLayer
+from crystal_vllm.policy import KVPolicy, make_policy
 
 try:
     from crystal_vllm.ops import cpu
@@ -28,6 +29,12 @@ except ImportError as exc:
     pytest.skip(f"the C++ extension is not built: {exc}", allow_module_level=True)
 
 R, L, BS = 5, 2, 4
+
+
+@pytest.fixture(autouse=True)
+def _torch_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The generic step (the reference) runs on the torch ops, not on the C++ ones."""
+    monkeypatch.setenv(ops.ENV_VAR, "torch")
 
 
 class Scenario:
@@ -119,12 +126,14 @@ def _run(policy_name, params, h, g, d, dtype, seed, steps=24, same_keys=False):
         sc.next_position[rows] += 1
         for layer in range(L):
             slots, budgets, query, key, value = sc.step_inputs(layer, rows)
-            args = (rows, layer, slots, positions, budgets, query, key, value)
-            ref_out, ref_ev = torch_ref.lrfu_decode_layer(
-                policy, sc.state, *args, sc.pool, sc.tables, d**-0.5
+            args = (layer, rows, slots, positions, budgets, query, key, value)
+            ref_out, ref_ev = KVPolicy.decode_layer(
+                policy, sc.state, DecodeLayer(*args, sc.pool, sc.tables, d**-0.5)
             )
-            got_out, got_ev = cpu.lrfu_decode_layer(
-                policy, got_state, *args, got_pool, sc.tables, d**-0.5
+            got_out, got_ev = cpu.lrfu_decode(
+                DecodeLayer(*args, got_pool, sc.tables, d**-0.5),
+                got_state,
+                **policy.kernel_params(),
             )
             assert got_out.dtype == ref_out.dtype and got_ev.dtype == torch.int32
             err = (got_out.float() - ref_out.float()).abs().amax(-1)
@@ -173,11 +182,33 @@ def test_exact_ties_follow_the_tie_rules():
     assert _run("lru", {"top_p": 1.0}, 2, 1, 16, torch.float32, seed=12, same_keys=True) == 0
 
 
-def test_unserved_configurations_fall_back_to_the_reference():
-    policy = make_policy("crystal-lite", {"protect_prompt": True})
-    sc = Scenario(policy, 1, 1, 16, max_blocks=2, dtype=torch.float32, seed=0)
-    assert not cpu._fused_lrfu_applies(policy, sc.state, sc.pool)
-    assert cpu._fused_lrfu_applies(make_policy("crystal-lite"), sc.state, sc.pool)
+def test_unserved_configurations_run_the_generic_step(monkeypatch):
+    """The kernels implement neither prompt protection nor hits-once-full: such policies
+    run the generic step, and the kernel refuses pools it does not take."""
+    monkeypatch.setenv("CRYSTAL_VLLM_OPS", "cpu")
+    assert make_policy("crystal-lite", {"protect_prompt": True}).kernel_params() is None
+    assert make_policy("crystal-lite", {"hits_before_full": False}).kernel_params() is None
+    assert make_policy("crystal-lite").kernel_params() is not None
+    sc = Scenario(make_policy("crystal-lite"), 1, 1, 16, max_blocks=2, dtype=torch.float32, seed=0)
+    assert ops.fused_lrfu_decode(sc.pool) is cpu.lrfu_decode
+    strided = sc.pool.transpose(2, 3)
+    assert ops.fused_lrfu_decode(strided) is None
+    slots, budgets, query, key, value = sc.step_inputs(0, torch.tensor([0]))
+    step = DecodeLayer(
+        0,
+        torch.tensor([0]),
+        slots,
+        torch.zeros(1, dtype=torch.long),
+        budgets,
+        query,
+        key,
+        value,
+        strided,
+        sc.tables,
+        0.25,
+    )
+    with pytest.raises(ValueError, match="C\\+\\+ kernel takes a CPU pool"):
+        cpu.lrfu_decode(step, sc.state, lam=0.5, top_p=0.9, gqa_max=False)
 
 
 def test_bad_rows_are_rejected_before_any_write():
@@ -187,21 +218,20 @@ def test_bad_rows_are_rejected_before_any_write():
     policy.begin_step(sc.state, torch.tensor([1]))
     slots, budgets, query, key, value = sc.step_inputs(0, torch.tensor([1, 2]))
     before = sc.clone_state()
+    step = DecodeLayer(
+        0,
+        rows,
+        slots,
+        torch.zeros(2, dtype=torch.long),
+        budgets,
+        query,
+        key,
+        value,
+        sc.pool,
+        sc.tables,
+        0.25,
+    )
     with pytest.raises(ValueError, match="row 1 appears twice"):
-        cpu.lrfu_decode_layer(
-            policy,
-            sc.state,
-            rows,
-            0,
-            slots,
-            torch.zeros(2, dtype=torch.long),
-            budgets,
-            query,
-            key,
-            value,
-            sc.pool,
-            sc.tables,
-            0.25,
-        )
+        cpu.lrfu_decode(step, sc.state, **policy.kernel_params())
     for name in before.entry_fields():
         assert torch.equal(getattr(before, name), getattr(sc.state, name))

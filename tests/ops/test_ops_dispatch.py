@@ -45,6 +45,7 @@ def test_auto_falls_back_to_torch_without_compiled_kernels(monkeypatch: pytest.M
         monkeypatch.setitem(ops._loaded, name, None)
     monkeypatch.setenv(ops.ENV_VAR, "auto")
     assert ops.get_impl() is torch_ref
+    assert ops.fused_lrfu_decode(torch.zeros(1, 2, 1, 1)) is None  # the reference has none
 
 
 @pytest.mark.parametrize("name", ["cpu", "triton"])
@@ -75,15 +76,18 @@ def test_public_functions_forward_to_selected_impl(monkeypatch: pytest.MonkeyPat
     assert ops.gather_kv(pool, 2) == "gather_kv"
     assert ops.paged_decode_attention(1, pool, 3, 4, 0.5) == "paged_decode_attention"
     ops.move_entries(pool, 2, 3, 4)
-    args = tuple(range(10, 20))
-    assert ops.lrfu_decode_layer(*args, pool, 0, 0.5) == "lrfu_decode_layer"
     assert calls == [
         ("write_kv", (pool, 2, 3, 4, 5)),
         ("gather_kv", (pool, 2, None)),
         ("paged_decode_attention", (1, pool, 3, 4, 0.5)),
         ("move_entries", (pool, 2, 3, 4)),
-        ("lrfu_decode_layer", (*args, pool, 0, 0.5)),
     ]
+    # The fake offers no fused LRFU kernel: callers run the policy's generic step.
+    assert ops.fused_lrfu_decode(pool) is None
+    fake.lrfu_decode = object()
+    fake.lrfu_decode_applies = lambda kv_pool: kv_pool.dtype == torch.float32
+    assert ops.fused_lrfu_decode(pool) is fake.lrfu_decode
+    assert ops.fused_lrfu_decode(pool.double()) is None
     # auto prefers a compiled implementation once one is available.
     monkeypatch.setenv(ops.ENV_VAR, "auto")
     assert ops.get_impl() is fake

@@ -42,8 +42,8 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from crystal_vllm import ops  # noqa: E402
-from crystal_vllm.ops import torch_ref  # noqa: E402
-from crystal_vllm.policy import make_policy  # noqa: E402
+from crystal_vllm.ops import DecodeLayer, torch_ref  # noqa: E402
+from crystal_vllm.policy import KVPolicy, make_policy  # noqa: E402
 from crystal_vllm.policy.select import recency_key, select_lowest  # noqa: E402
 from crystal_vllm.policy.topp import top_p_mask  # noqa: E402
 
@@ -59,9 +59,10 @@ needs_kernels = pytest.mark.skipif(
 if RUNS_HERE:
     from crystal_vllm.kernels.lrfu import lowest_entries, top_p_hits
 
-    from crystal_vllm.ops import triton as triton_ops
+    from crystal_vllm.ops import triton_ops
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(RUNS_HERE, reason="the kernels run in this process")
 def test_kernels_in_child_process() -> None:
     """Every test of this module that needs the kernels, in Triton's interpreter."""
@@ -101,6 +102,7 @@ def test_kernels_install_as_a_crystal_vllm_subpackage() -> None:
 # -- compiling for a GPU without one ---------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(INTERPRETER, reason="needs Triton's compiler, not its interpreter")
 def test_kernels_compile_for_cuda_without_spilling(monkeypatch: pytest.MonkeyPatch) -> None:
     """The interpreter accepts code the GPU compiler rejects (loop-carried types, dot
@@ -244,7 +246,7 @@ def no_reference(monkeypatch: pytest.MonkeyPatch):
 
     class _Forbidden:
         def __getattr__(self, name: str):
-            raise AssertionError(f"ops.triton fell back to torch_ref.{name}")
+            raise AssertionError(f"ops.triton_ops fell back to torch_ref.{name}")
 
     monkeypatch.setattr(triton_ops, "torch_ref", _Forbidden())
 
@@ -534,13 +536,15 @@ class _Scenario:
                 key = torch.ones(n, self.h, self.d)
             value = torch.randn(n, self.h, self.d, generator=gen)
             q, k, v = (x.to(self.dtype).to(DEVICE) for x in (query, key, value))
-            args = (rows, layer, slots, positions, budgets.to(DEVICE), q, k, v)
+            args = (layer, rows, slots, positions, budgets.to(DEVICE), q, k, v)
             scale = self.d**-0.5
-            ref_out, ref_ev = torch_ref.lrfu_decode_layer(
-                policy, self.state, *args, self.pool, self.tables, scale
+            ref_out, ref_ev = KVPolicy.decode_layer(
+                policy, self.state, DecodeLayer(*args, self.pool, self.tables, scale)
             )
-            got_out, got_ev = triton_ops.lrfu_decode_layer(
-                policy, self.got, *args, self.got_pool, self.tables, scale
+            got_out, got_ev = triton_ops.lrfu_decode(
+                DecodeLayer(*args, self.got_pool, self.tables, scale),
+                self.got,
+                **policy.kernel_params(),
             )
             assert got_out.dtype == ref_out.dtype and got_ev.dtype == torch.int32
             _assert_out_close(got_out, ref_out, bit_identical=False)
@@ -600,6 +604,11 @@ def _run(policy_name, params, *, h, g, d, dtype, seed, steps, **kwargs) -> int:
 @needs_kernels
 @pytest.mark.usefixtures("no_reference")
 class TestLRFUDecodeLayer:
+    @pytest.fixture(autouse=True)
+    def _torch_reference(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The generic step (the reference) runs on the torch ops, whatever the device."""
+        monkeypatch.setenv(ops.ENV_VAR, "torch")
+
     @pytest.mark.parametrize(
         ("policy_name", "params", "h", "g", "d", "dtype", "split"),
         [
@@ -670,21 +679,8 @@ class TestLRFUDecodeLayer:
         zeros = torch.zeros(2, dtype=torch.long, device=DEVICE)
 
         def call(rows, slots):
-            triton_ops.lrfu_decode_layer(
-                policy,
-                sc.state,
-                rows,
-                0,
-                slots,
-                zeros,
-                budgets,
-                q,
-                kv,
-                kv,
-                sc.pool,
-                sc.tables,
-                0.125,
-            )
+            step = DecodeLayer(0, rows, slots, zeros, budgets, q, kv, kv, sc.pool, sc.tables, 0.125)
+            triton_ops.lrfu_decode(step, sc.state, **policy.kernel_params())
 
         ok_slots = torch.zeros(2, 2, dtype=torch.long, device=DEVICE)
         with pytest.raises(ValueError, match="row 1 appears twice"):
@@ -697,48 +693,17 @@ class TestLRFUDecodeLayer:
             assert torch.equal(value, getattr(sc.state, name)), name
         assert torch.equal(pool_before, sc.pool)
 
-    def test_unserved_configurations_use_the_reference(self, monkeypatch) -> None:
-        """protect_prompt / hits_before_full=False and float64 pools go to the reference."""
-        calls = []
-        monkeypatch.setattr(
-            triton_ops,
-            "torch_ref",
-            type(
-                "Spy",
-                (),
-                {
-                    "lrfu_decode_layer": staticmethod(
-                        lambda *args: calls.append(args) or ("out", "evicted")
-                    )
-                },
-            ),
-        )
-        for params, dtype in (
-            ({"protect_prompt": True}, torch.float32),
-            ({"hits_before_full": False}, torch.float32),
-            ({}, torch.float64),
-        ):
-            policy = make_policy("crystal-lite", params)
-            sc = _Scenario(policy, 1, 1, 16, max_blocks=2, dtype=dtype, seed=0)
-            one = torch.zeros(1, dtype=torch.long, device=DEVICE)
-            x = torch.zeros(1, 1, 16, dtype=dtype, device=DEVICE)
-            result = triton_ops.lrfu_decode_layer(
-                policy,
-                sc.state,
-                one,
-                0,
-                one[:, None],
-                one,
-                one[:, None] + 1,
-                x,
-                x,
-                x,
-                sc.pool,
-                sc.tables,
-                0.25,
-            )
-            assert result == ("out", "evicted")
-        assert len(calls) == 3
+    def test_pools_the_kernel_does_not_take_are_refused(self) -> None:
+        """A float64 pool: no silent fallback, the ops hand out no kernel for it."""
+        policy = make_policy("crystal-lite")
+        sc = _Scenario(policy, 1, 1, 16, max_blocks=2, dtype=torch.float64, seed=0)
+        assert not triton_ops.lrfu_decode_applies(sc.pool)
+        one = torch.zeros(1, dtype=torch.long, device=DEVICE)
+        x = torch.zeros(1, 1, 16, dtype=torch.float64, device=DEVICE)
+        slots, budgets = one[:, None], one[:, None] + 1
+        step = DecodeLayer(0, one, slots, one, budgets, x, x, x, sc.pool, sc.tables, 0.25)
+        with pytest.raises(ValueError, match="does not take"):
+            triton_ops.lrfu_decode(step, sc.state, **policy.kernel_params())
 
 
 # -- the selection helpers of the fused step, on adversarial inputs --------------------

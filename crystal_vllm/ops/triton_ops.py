@@ -6,9 +6,9 @@ Semantics, argument checks and error types are those of :mod:`crystal_vllm.ops.t
 CPU tensors when Triton runs in its interpreter (``TRITON_INTERPRET=1`` set before
 ``triton`` is first imported: CI). Calls the kernels do not cover go to the reference:
 a pool dtype other than float32/bfloat16/float16, a head size above 256, a pool whose
-last dimension is strided, tensors on another device type, policies other than the LRFU
-family or with ``protect_prompt=True`` / ``hits_before_full=False`` (which the server
-refuses anyway). ``gather_kv`` and ``move_entries`` are the reference's: they run outside
+last dimension is strided, tensors on another device type. The fused LRFU step has no
+fallback: :func:`lrfu_decode_applies` says which pools it takes. ``gather_kv`` and
+``move_entries`` are the reference's: they run outside
 the per-step decode path; so is ``first_free_slots``, already two device kernels in torch.
 CPU tensors without the interpreter are an error rather than a silent fallback: asking
 for ``triton`` there is a configuration mistake.
@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from crystal_vllm.ops import fused_lrfu_supported, torch_ref
-from crystal_vllm.policy.lrfu import LRFUPolicy, LRFUState
+from crystal_vllm.ops import torch_ref
+from crystal_vllm.ops.decode import DecodeLayer, LRFUTensors
 
 try:
     from crystal_vllm import kernels
@@ -35,7 +35,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = [
     "first_free_slots",
     "gather_kv",
-    "lrfu_decode_layer",
+    "lrfu_decode",
+    "lrfu_decode_applies",
     "move_entries",
     "paged_decode_attention",
     "set_split_size",
@@ -233,64 +234,38 @@ def paged_decode_attention(
     return out, probs
 
 
-def _fused_lrfu_applies(
-    policy: LRFUPolicy, state: LRFUState, kv_pool: torch.Tensor, *tensors: torch.Tensor
-) -> bool:
-    """Whether the fused kernel covers this call: an LRFU policy without the options the
-    server refuses, the state's usual dtypes and one stride pattern for all its fields."""
-    if not isinstance(policy, LRFUPolicy) or not isinstance(state, LRFUState):
-        return False
-    if not fused_lrfu_supported(policy):
-        return False
-    fields = [getattr(state, name) for name in _STATE_DTYPES]
-    if any(getattr(state, n).dtype != dt for n, dt in _STATE_DTYPES.items()):
-        return False
-    if state.step.dtype != torch.int64 or any(f.stride() != fields[0].stride() for f in fields):
-        return False
-    return _kernel_applies(kv_pool, state.valid, state.step, *tensors)
+def lrfu_decode_applies(kv_pool: torch.Tensor) -> bool:
+    """Whether :func:`lrfu_decode` runs on this pool (see the module docstring)."""
+    return _kernel_applies(kv_pool)
 
 
-def lrfu_decode_layer(
-    policy: LRFUPolicy,
-    state: LRFUState,
-    rows: torch.Tensor,
-    layer: int,
-    slots: torch.Tensor,
-    positions: torch.Tensor,
-    budgets: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_pool: torch.Tensor,
-    block_tables: torch.Tensor,
-    scale: float,
+def lrfu_decode(
+    step: DecodeLayer, state: LRFUTensors, *, lam: float, top_p: float, gqa_max: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole LRFU decode step of one layer in three kernel launches; see
-    :func:`torch_ref.lrfu_decode_layer` (same results, up to the summation order of the
-    attention and, therefore, victims that are near-ties of the decayed CRF)."""
-    args = (rows, slots, positions, budgets, query, key, value, block_tables)
-    if not _fused_lrfu_applies(policy, state, kv_pool, *args):
-        return torch_ref.lrfu_decode_layer(
-            policy,
-            state,
-            rows,
-            layer,
-            slots,
-            positions,
-            budgets,
-            query,
-            key,
-            value,
-            kv_pool,
-            block_tables,
-            scale,
+    """A whole LRFU decode layer in three kernel launches; see
+    :func:`crystal_vllm.ops.fused_lrfu_decode` (same results as the policy's generic step,
+    up to the summation order of the attention and, therefore, victims that are near-ties
+    of the decayed CRF)."""
+    rows, slots, positions, budgets = step.rows, step.slots, step.positions, step.budgets
+    query, key, value, kv_pool = step.query, step.key, step.value, step.kv_pool
+    block_tables, layer = step.block_tables, step.layer
+    fields = [getattr(state, name) for name in _STATE_DTYPES]
+    if not _kernel_applies(kv_pool, rows, slots, positions, budgets, query, key, value):
+        raise ValueError(
+            f"lrfu_decode: the Triton kernel does not take a {kv_pool.dtype} pool of shape "
+            f"{tuple(kv_pool.shape)} on {kv_pool.device} with these inputs"
         )
+    bad_state = [n for n, dt in _STATE_DTYPES.items() if getattr(state, n).dtype != dt]
+    if bad_state or state.step.dtype != torch.int64:
+        raise ValueError(f"lrfu_decode: state fields with unexpected dtypes: {bad_state}")
+    if any(f.stride() != fields[0].stride() for f in fields):
+        raise ValueError("lrfu_decode: the state fields must share one stride pattern")
     num_rows, num_layers, h, num_slots = state.valid.shape
     b = rows.shape[0]
     hq, d = query.shape[1], query.shape[2]
     block_size = kv_pool.shape[2]
     if not 0 <= layer < num_layers:
-        raise IndexError(f"lrfu_decode_layer: layer {layer} out of range [0, {num_layers})")
+        raise IndexError(f"lrfu_decode: layer {layer} out of range [0, {num_layers})")
     shapes_agree = (
         rows.shape == (b,)
         and slots.shape == (b, h)
@@ -304,24 +279,24 @@ def lrfu_decode_layer(
     )
     if not shapes_agree:
         raise ValueError(
-            f"lrfu_decode_layer: shapes disagree: state {tuple(state.valid.shape)}, rows "
+            f"lrfu_decode: shapes disagree: state {tuple(state.valid.shape)}, rows "
             f"{tuple(rows.shape)}, slots {tuple(slots.shape)}, positions "
             f"{tuple(positions.shape)}, budgets {tuple(budgets.shape)}, query "
             f"{tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}, "
             f"kv_pool {tuple(kv_pool.shape)}, block_tables {tuple(block_tables.shape)}"
         )
     if hq % h:
-        raise ValueError(f"lrfu_decode_layer: {hq} query heads is not a multiple of {h}")
+        raise ValueError(f"lrfu_decode: {hq} query heads is not a multiple of {h}")
     if num_slots > block_tables.shape[3] * block_size:
         raise ValueError(
-            f"lrfu_decode_layer: the state has {num_slots} slots per head, more than the "
+            f"lrfu_decode: the state has {num_slots} slots per head, more than the "
             f"table's {block_tables.shape[3]} x {block_size}"
         )
     tables = block_tables[:, layer]
     if _value_checks:
         _check_rows(rows, num_rows)
         _check_slots(
-            "lrfu_decode_layer",
+            "lrfu_decode",
             tables[rows],
             slots[:, :, None],
             block_size,
@@ -334,7 +309,6 @@ def lrfu_decode_layer(
     views["step"] = state.step
     views["positions"] = positions
     errors = kernels.new_errors(kv_pool.device)
-    config = policy.config
     out, evicted = kernels.lrfu_decode_step(
         views,
         rows,
@@ -345,15 +319,15 @@ def lrfu_decode_layer(
         _last_dim_contiguous(value),
         kv_pool,
         tables,
-        scale,
-        lam=config.lam,
-        top_p=config.top_p,
-        gqa_max=config.gqa_reduce == "max",
+        step.scale,
+        lam=lam,
+        top_p=top_p,
+        gqa_max=gqa_max,
         errors=errors,
         split_size=_split_size,
     )
     if _value_checks:
-        _raise_for_flags(errors, "lrfu_decode_layer", kv_pool.shape[0])
+        _raise_for_flags(errors, "lrfu_decode", kv_pool.shape[0])
     return out, evicted
 
 
@@ -364,7 +338,7 @@ def _check_rows(rows: torch.Tensor, num_rows: int) -> None:
         [(rows < 0).any() | (rows >= num_rows).any(), (ordered[1:] == ordered[:-1]).any()]
     ).tolist()
     if flags[0]:
-        raise IndexError(f"lrfu_decode_layer: rows must lie in [0, {num_rows})")
+        raise IndexError(f"lrfu_decode: rows must lie in [0, {num_rows})")
     if flags[1]:
         repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-        raise ValueError(f"lrfu_decode_layer: row {int(repeated[0])} appears twice in rows")
+        raise ValueError(f"lrfu_decode: row {int(repeated[0])} appears twice in rows")

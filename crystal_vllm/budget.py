@@ -1,0 +1,93 @@
+"""A request's KV budget and block cap over its life: one rule for every side.
+
+The scheduler (block caps), the worker (per-head budgets) and the replay benchmark all
+call :class:`BudgetRule`, so they cannot disagree:
+
+* a request starts at its own ``kv_budget`` (``vllm_xargs``; at most the server's
+  ``--kv-budget``, which sizes the memory);
+* once it has emitted the think-end token its budget is ``kv_budget + answer_reserve``,
+  once: a second think-end token changes nothing;
+* its cap in vLLM blocks holds the policy's ``max_resident(budget)`` entries per head,
+  plus one block of slack when budgets are adaptive (every head rounds up to whole
+  head-blocks on its own), and never more than a whole sequence needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from crystal_vllm.config import CrystalKVConfig
+
+#: Keys a request may set in ``vllm_xargs`` / ``SamplingParams.extra_args``.
+REQUEST_KEYS = ("kv_budget",)
+
+
+def requested_budget(extra_args: Mapping[str, Any] | None, server: CrystalKVConfig) -> int:
+    """The ``kv_budget`` one request asks for (the server's by default); raises
+    ``ValueError`` naming the bad value and the allowed range."""
+    extra = extra_args or {}
+    unknown = sorted(k for k in extra if k.startswith("kv_") and k not in REQUEST_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown per-request KV option(s) {', '.join(unknown)}; "
+            f"allowed: {', '.join(REQUEST_KEYS)}"
+        )
+    if "kv_budget" not in extra:
+        return server.budget
+    budget = extra["kv_budget"]
+    if not server.enabled:
+        raise ValueError("kv_budget was given, but this server runs with --kv-policy none")
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= server.budget:
+        raise ValueError(
+            f"kv_budget {budget!r} is invalid: it must be an integer in [1, {server.budget}] "
+            "(at most the server's --kv-budget)"
+        )
+    return budget
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class BudgetRule:
+    """Budgets and block caps of one server's requests (see the module docstring)."""
+
+    config: CrystalKVConfig
+    block_size: int
+    max_model_len: int
+    policy: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_model_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BudgetRule {name} {value!r} is invalid: it must be an int >= 1")
+        object.__setattr__(self, "policy", self.config.make_policy())
+
+    def think_ends(self, token_ids: Iterable[int]) -> bool:
+        """Whether ``token_ids`` contain the think-end token (never, without a think stage)."""
+        return self.config.has_think_stage and self.config.think_end_token in token_ids
+
+    def budget(self, kv_budget: int, *, think_ended: bool) -> int:
+        """Entries per (layer, KV head) of a request that asked for ``kv_budget``."""
+        return kv_budget + self.config.answer_reserve if think_ended else kv_budget
+
+    @property
+    def max_budget(self) -> int:
+        """The largest budget any request reaches: what the per-request memory is sized for."""
+        return self.budget(self.config.budget, think_ended=self.config.has_think_stage)
+
+    def cap_blocks(self, budget: int) -> int:
+        """vLLM blocks a request with ``budget`` may hold."""
+        resident = min(self.policy.max_resident(budget), self.max_model_len)
+        slack = 1 if self.policy.adaptive_budgets else 0
+        whole_sequence = _cdiv(self.max_model_len, self.block_size)
+        return min(_cdiv(resident, self.block_size) + slack, whole_sequence)
+
+    @property
+    def max_cap_blocks(self) -> int:
+        """The cap of a request at :attr:`max_budget`: the KV-cache spec's cap."""
+        return self.cap_blocks(self.max_budget)
