@@ -1,4 +1,5 @@
-# The commands users type. `serve` and `test` run `install` first (it is idempotent).
+# The commands users type. `serve` and `test` run `install` first (it is idempotent);
+# `test-fast` runs it when the sources it builds from changed.
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 MODEL   ?=
@@ -9,7 +10,7 @@ ARGS    ?=
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install serve test lint
+.PHONY: install serve test test-fast lint
 
 install:
 	bash scripts/install_cpu.sh
@@ -22,8 +23,20 @@ serve: install
 	echo "serving $$model on http://$(HOST):$(PORT)"; \
 	exec $(VENV)/bin/vllm serve "$$model" --host $(HOST) --port $(PORT) --enforce-eager $(ARGS)
 
+# Everything, engine and server tests included (the command CI runs, ~17 minutes here).
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+
+# The tests not marked `slow` (no vLLM engine, server or child process): ~2 minutes here.
+# It runs `install` only when the sources it builds from changed since the last install
+# (the stamp and hash of scripts/install_cpu.sh; keep the two in step): an up-to-date
+# install still spends about a minute importing vLLM to check itself.
+INSTALL_STAMP := $(VENV)/.crystal-vllm-install
+SOURCES_HASH   = cat pyproject.toml setup.py csrc/*.cpp csrc/*.h | sha256sum | cut -d' ' -f1
+test-fast:
+	@if [ ! -x "$(PY)" ] || [ "$$(cat $(INSTALL_STAMP) 2>/dev/null)" != "$$($(SOURCES_HASH))" ]; \
+	then $(MAKE) install; else echo "[test-fast] install is up to date"; fi
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" tests
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
