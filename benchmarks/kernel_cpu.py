@@ -6,7 +6,7 @@ For each shape (batch ``b``, KV heads ``H``, query heads per KV head ``G``, head
 * ``torch``: ``crystal_vllm.ops.torch_ref.paged_decode_attention`` (the oracle);
 * ``cpu``: ``crystal_vllm.ops.cpu.paged_decode_attention`` (``csrc/``), in the ISA
   ``--isa`` (default: the best this CPU has);
-* ``fused``: ``crystal_vllm.ops.cpu.lrfu_decode_layer``, the whole Crystal-KV decode step
+* ``fused``: ``crystal_vllm.ops.cpu.lrfu_decode``, the whole Crystal-KV decode step
   of one layer (write the new token, attention, top-p hits, CRF update, one eviction per
   head) under ``crystal-lite`` with the budget at ``S``, plus picking each head's free
   slot (the victim of the previous call) as the runtime does per step;
@@ -126,15 +126,15 @@ class _Case:
         self.new_value = torch.randn(b, h, d, generator=gen).to(dtype)
 
     def fused_call(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from crystal_vllm.ops import cpu
+        from crystal_vllm.ops import DecodeLayer, cpu
 
         self.policy.begin_step(self.state, self.rows)
         slots = (~self.state.valid[:, 0]).view(torch.uint8).argmax(-1)
-        return cpu.lrfu_decode_layer(
-            self.policy, self.state, self.rows, 0, slots, self.state.step.clone(),
-            self.budgets, self.query, self.new_key, self.new_value, self.fused_pool,
-            self.fused_tables, self.scale,
+        step = DecodeLayer(
+            0, self.rows, slots, self.state.step.clone(), self.budgets, self.query,
+            self.new_key, self.new_value, self.fused_pool, self.fused_tables, self.scale,
         )  # fmt: skip
+        return cpu.lrfu_decode(step, self.state, **self.policy.kernel_params())
 
     def torch_call(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch_ref.paged_decode_attention(

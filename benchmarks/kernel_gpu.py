@@ -4,11 +4,11 @@ Runs with torch, triton and CUDA only: no vLLM (it checks that none gets importe
 installed crystal-vllm (from a checkout it maps ``crystal_vllm.kernels`` to ``kernels/``
 itself, as ``pip install`` would).
 
-1. **checks**: every Triton op (``crystal_vllm.ops.triton``) against
+1. **checks**: every Triton op (``crystal_vllm.ops.triton_ops``) against
    ``crystal_vllm.ops.torch_ref`` on the GPU at small random shapes: ``write_kv`` bit for
    bit; ``paged_decode_attention`` (GQA 1/4/7, head sizes 64/128/256, bf16/fp16/fp32,
    split-K forced on and off) by relative error, bounds as in
-   ``tests/ops/test_triton_kernels.py``; ``lrfu_decode_layer`` over several steps of a
+   ``tests/ops/test_triton_kernels.py``; ``lrfu_decode`` over several steps of a
    random schedule, counting heads whose state differs from the reference and how many
    of those are victims swapped between near-ties of the decayed CRF (1e-6 relative, the
    only difference allowed). A differing hit also counts: on a GPU the reference's top-p
@@ -19,7 +19,7 @@ itself, as ``pip install`` would).
    the pool. Bytes moved (K and V of every entry, the mask, and the float32 scores written,
    read back and rewritten as probabilities) per second, as a fraction of the device's
    copy bandwidth (``Tensor.copy_`` of 1 GiB, read + write). Target >= 80%.
-3. **fused overhead**: ``lrfu_decode_layer`` (``crystal-lite``, budget 4095: one new entry
+3. **fused overhead**: ``lrfu_decode`` (``crystal-lite``, budget 4095: one new entry
    and one eviction per head per call, like steady-state decoding) against
    ``paged_decode_attention`` alone on the same shape. Target: at most 10% more time.
 
@@ -209,6 +209,9 @@ def check_lrfu(
 def _lrfu_scenario(torch, triton_ops, torch_ref, policy, group, d, dtype, device, steps, label):
     """Random steps on two copies of one state; a head that differs is counted (a near-tie
     if the reference's decayed CRF of the swapped entries agree to 1e-6) and resynced."""
+    from crystal_vllm.ops import DecodeLayer
+    from crystal_vllm.policy import KVPolicy
+
     gen = torch.Generator().manual_seed(group * 10 + d)
     rows_total, h, mb, bs = 6, 2, 8, 4
     slots_per_head = mb * bs
@@ -220,7 +223,8 @@ def _lrfu_scenario(torch, triton_ops, torch_ref, policy, group, d, dtype, device
     fill[..., -1] = False  # a free slot for the first step
     positions = torch.arange(slots_per_head).expand_as(fill)
     all_rows = torch.arange(rows_total, device=device)
-    policy.insert(state, all_rows, fill.to(device), positions.to(device), prefill=True)
+    # Decode entries, not prompt ones: a policy may keep the prompt out of eviction.
+    policy.insert(state, all_rows, fill.to(device), positions.to(device))
     got = type(state)(**{k: v.clone() for k, v in vars(state).items()})
     got_pool = pool.clone()
     next_position = slots_per_head
@@ -241,9 +245,12 @@ def _lrfu_scenario(torch, triton_ops, torch_ref, policy, group, d, dtype, device
         v = torch.randn(b, h, d, generator=gen).to(dtype).to(device)
         position = torch.full((b,), next_position, device=device)
         next_position += 1
-        args = (rows, 0, slots, position, budgets, q, k, v)
-        ref_out, ref_ev = torch_ref.lrfu_decode_layer(policy, state, *args, pool, tables, d**-0.5)
-        out, ev = triton_ops.lrfu_decode_layer(policy, got, *args, got_pool, tables, d**-0.5)
+        args = (0, rows, slots, position, budgets, q, k, v)
+        # The oracle: the policy's generic step over the torch reference ops (main sets
+        # CRYSTAL_VLLM_OPS=torch), against the Triton kernel on a copy.
+        ref_step, step = (DecodeLayer(*args, p, tables, d**-0.5) for p in (pool, got_pool))
+        ref_out, ref_ev = KVPolicy.decode_layer(policy, state, ref_step)
+        out, ev = triton_ops.lrfu_decode(step, got, **policy.kernel_params())
         out_error = max(out_error, _out_error(torch, out, ref_out))
         evictions += int(ref_ev.sum())
         for row in rows.tolist():
@@ -333,6 +340,8 @@ def time_attention_and_fused(
     torch, triton_ops, make_policy, device, sizes: Sizes, time_calls
 ) -> dict[str, float]:
     """Time attention alone and the fused LRFU step on the same full heads."""
+    from crystal_vllm.ops import DecodeLayer
+
     b, h, g, d = sizes.batch, sizes.kv_heads, sizes.group, sizes.head_dim
     s, bs = sizes.entries, sizes.block_size
     gen = torch.Generator(device=device).manual_seed(0)
@@ -359,7 +368,7 @@ def time_attention_and_fused(
     full = torch.ones(b, 1, h, s, dtype=torch.bool, device=device)
     full[..., -1] = False
     positions = torch.arange(s, device=device).expand(b, 1, h, s)
-    policy.insert(state, rows, full, positions, prefill=True)
+    policy.insert(state, rows, full, positions)
     budgets = torch.full((b, h), s - 1, device=device)
     key = torch.randn(b, h, d, generator=gen, device=device, dtype=torch.bfloat16)
     step = [s]
@@ -370,13 +379,11 @@ def time_attention_and_fused(
         step[0] += 1
         return slots, torch.full((b,), step[0], device=device)
 
-    fused = time_calls(
-        next_step,
-        lambda a: triton_ops.lrfu_decode_layer(
-            policy, state, rows, 0, a[0], a[1], budgets, query, key, key, pool, tables, scale
-        ),
-        sizes.iterations,
-    )
+    def fused_call(a):
+        step = DecodeLayer(0, rows, a[0], a[1], budgets, query, key, key, pool, tables, scale)
+        return triton_ops.lrfu_decode(step, state, **policy.kernel_params())
+
+    fused = time_calls(next_step, fused_call, sizes.iterations)
     return {
         "attention_s": attention,
         "fused_s": fused,
@@ -404,8 +411,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from crystal_vllm.ops import torch_ref
-    from crystal_vllm.ops import triton as triton_ops
+    os.environ["CRYSTAL_VLLM_OPS"] = "torch"  # the generic step over the torch ops: the oracle
+    from crystal_vllm.ops import torch_ref, triton_ops
     from crystal_vllm.policy import make_policy
 
     vllm_imported = "vllm" in sys.modules
