@@ -28,6 +28,7 @@ import logging
 import math
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -641,10 +642,8 @@ def render_markdown(
 
 
 def _counts(items: Any) -> str:
-    counts: dict[str, int] = {}
-    for item in items:
-        counts[str(item)] = counts.get(str(item), 0) + 1
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+    counts = sorted(Counter(map(str, items)).items())
+    return ", ".join(f"{k} {v}" for k, v in counts) or "none"
 
 
 def plot(args: argparse.Namespace, summary: dict[str, dict[str, dict[str, float]]]) -> Any:
@@ -686,12 +685,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     vocab = tokenizer.get_vocab()
     think_end_id = vocab.get(THINK_END_TOKEN)
-    policies = {
-        label: make_policy(name, params)
-        for (label, name), params in zip(
-            args.policies.items(), policy_params(args).values(), strict=True
-        )
-    }
+    params = policy_params(args)
+    policies = {label: make_policy(name, params[label]) for label, name in args.policies.items()}
     problems = load_problems(args)
 
     records: list[ProblemRecord] = []
@@ -716,7 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = aggregate(records, list(policies), args.budgets)
     markdown = render_markdown(args, records, summary, model_info)
     payload = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": vars(args),  # paths are written as strings
         "model": model_info,
         "final_answer_prefix": FINAL_ANSWER_PREFIX,
         "think_end_token_id": think_end_id,

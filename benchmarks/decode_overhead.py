@@ -90,15 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     engine = er.engine_settings(seq_len, args.block_size, max(args.num_requests, 8))
     runs = []
     for round_index in range(args.rounds):
-        for policy, budget in args.cases:
-            label = f"{er.case_label(policy, budget)} (round {round_index + 1})"
-            case = (policy, budget)
+        for case in args.cases:
+            name, label = er.case_label(*case), f"{er.case_label(*case)} (round {round_index + 1})"
             spec = er.case_spec(model_dir, case, args, vocab_size, engine=engine, kv_bytes=kv_bytes)
             result = er.run_worker(Path(__file__), spec, label, total=args.output_len + 1)
             if result["evictions"]:
                 raise SystemExit(f"{label} evicted {result['evictions']} entries: raise its budget")
-            case = er.case_label(policy, budget)
-            runs.append({"case": case, "round": round_index + 1, **result})
+            runs.append({"case": name, "round": round_index + 1, **result})
 
     base = {r["round"]: r for r in runs if r["case"] == "none"}
     for r in runs:

@@ -9,8 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-#: ``--kv-policy`` values (``none`` is vanilla vLLM).
-POLICIES = ("none", "full", "crystal", "crystal-lite", "lru", "streaming", "h2o", "snapkv", "rkv")
+from crystal_vllm.config import policy_names
+
+#: ``--kv-policy`` values (``none``, first, is vanilla vLLM).
+POLICIES = policy_names()
 
 BURST_POLICIES = ("snapkv", "rkv")
 #: Why SnapKV and R-KV can look better than the others at the same nominal budget.
