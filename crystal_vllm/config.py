@@ -46,12 +46,12 @@ class CrystalKVConfig:
     Attributes:
         policy: ``none`` (vanilla vLLM) or a policy of :mod:`crystal_vllm.policy`.
         budget: average KV entries kept per (layer, KV head) of one request.
-        policy_params: parameters of the policy (ALGORITHM.md §7), validated by it.
+        policy_params: parameters of the policy (docs/algorithm.md §9), validated by it.
         think_end_token: token id that ends the think stage; ``None`` means "the
             tokenizer's ``</think>`` if it has one" (resolved once, at startup), -1 means
             none (the whole generation is compressed).
         answer_reserve: entries each (layer, KV head) may grow by after the think stage
-            ends, so the answer is not compressed (ALGORITHM.md §4); past it, eviction
+            ends, so the answer is not compressed (docs/algorithm.md §7); past it, eviction
             resumes at ``budget + answer_reserve``.
         debug_checks: check the cache invariants after every step (slow).
     """

@@ -1,4 +1,4 @@
-"""Adaptive layer/head budget allocation (paper Algorithm 2, ALGORITHM.md §3).
+"""Adaptive layer/head budget allocation (paper Algorithm 2, docs/algorithm.md §5).
 
 Per request: ``eta_l = sum_h S[l,h] / sum_h B[l,h]`` gives layer ``l`` the share
 ``B_l = total * eta_l / sum_l eta_l``; within the layer, ``eta_lh = S[l,h] / B[l,h]`` gives

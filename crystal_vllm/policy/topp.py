@@ -1,4 +1,4 @@
-"""Top-p (nucleus) hit masks over attention probabilities (ALGORITHM.md §2 step 2)."""
+"""Top-p (nucleus) hit masks over attention probabilities (docs/algorithm.md §3)."""
 
 from __future__ import annotations
 
