@@ -1,4 +1,4 @@
-"""Answer-first analysis (ALGORITHM.md §6): which policy keeps the KV that the answer needs?
+"""Answer-first analysis (docs/algorithm.md §10): which policy keeps the KV that the answer needs?
 
 For each GSM8K question this script
 
@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.answer_first",
         description=(
-            "Answer-first analysis (ALGORITHM.md §6): label think tokens CrystalKV/SlipKV by "
+            "Answer-first analysis (docs/algorithm.md §10): label think tokens CrystalKV/SlipKV by "
             "the attention of answer-stage queries in a full-KV run, then replay every KV "
             "policy with teacher forcing and report Crystal recall at the end of thinking "
             "and the attention mass each policy keeps."

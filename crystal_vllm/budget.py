@@ -8,8 +8,10 @@ call :class:`BudgetRule`, so they cannot disagree:
 * once it has emitted the think-end token its budget is ``kv_budget + answer_reserve``,
   once: a second think-end token changes nothing;
 * its cap in vLLM blocks holds the policy's ``max_resident(budget)`` entries per head,
-  plus one block of slack when budgets are adaptive (every head rounds up to whole
-  head-blocks on its own), and never more than a whole sequence needs.
+  plus the prompt entries the policy keeps on top of the budget (``prompt`` ``keep``:
+  all of them, ``compress``: ``prompt_budget`` at most, ``evict``: none), plus one block
+  of slack when budgets are adaptive (every head rounds up to whole head-blocks on its
+  own), and never more than a whole sequence needs.
 """
 
 from __future__ import annotations
@@ -80,14 +82,21 @@ class BudgetRule:
         """The largest budget any request reaches: what the per-request memory is sized for."""
         return self.budget(self.config.budget, think_ended=self.config.has_think_stage)
 
-    def cap_blocks(self, budget: int) -> int:
-        """vLLM blocks a request with ``budget`` may hold."""
-        resident = min(self.policy.max_resident(budget), self.max_model_len)
+    def resident_entries(self, budget: int, prompt_len: int) -> int:
+        """Most entries one head of a request holds: its budget's bound plus the prompt
+        entries kept on top of it, never more than the whole sequence."""
+        resident = self.policy.max_resident(budget) + self.policy.prompt_kept(prompt_len)
+        return min(resident, self.max_model_len)
+
+    def cap_blocks(self, budget: int, prompt_len: int) -> int:
+        """vLLM blocks a request with ``budget`` and a ``prompt_len``-token prompt may hold."""
+        resident = self.resident_entries(budget, prompt_len)
         slack = 1 if self.policy.adaptive_budgets else 0
         whole_sequence = _cdiv(self.max_model_len, self.block_size)
         return min(_cdiv(resident, self.block_size) + slack, whole_sequence)
 
     @property
     def max_cap_blocks(self) -> int:
-        """The cap of a request at :attr:`max_budget`: the KV-cache spec's cap."""
-        return self.cap_blocks(self.max_budget)
+        """The cap of a request at :attr:`max_budget` with the longest prompt: the KV-cache
+        spec's cap (what the worker sizes its per-head tables for)."""
+        return self.cap_blocks(self.max_budget, self.max_model_len)

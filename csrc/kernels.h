@@ -91,6 +91,7 @@ struct LrfuArgs {
   float lam;
   float top_p;
   bool gqa_max;  // GQA reduction: max-then-renormalise (true) or mean (false)
+  bool protect_prompt;  // prompt entries are never evicted and not counted in the budget
 };
 
 // Records the new token of item `item` in its slot: valid, position, born = tau = t,

@@ -1,7 +1,8 @@
 // The LRFU update of Crystal-KV's Algorithm 1 for one (request, KV head) of one layer,
 // called by the fused decode op right after the head's attention (ops.cpp), while its
 // probabilities are still in cache. Semantics are those of crystal_vllm.policy.lrfu
-// (observe, select_evictions, remove) for protect_prompt=False, hits_before_full=True:
+// (observe, select_evictions, remove) for hits_before_full=True, with or without
+// protected prompt entries:
 //   1. GQA-reduce the G probability rows to one distribution over the head's slots;
 //   2. top-p hits: the smallest set taken by decreasing probability (ties: larger
 //      position first) whose mass reaches top_p times the head's total;
@@ -219,9 +220,14 @@ void lrfu_observe_evict(const LrfuArgs& a, int64_t item, int64_t extent, const f
     bucket[s] = static_cast<uint8_t>(b);
     hist[b] += ps;
     total += ps;
+    if (a.protect_prompt && prompt[s]) continue;  // attended and rewarded, never counted
     ++n;
     born_now += born[s] == t;
   }
+  // Entries that may be evicted: valid, not born at t, not a protected prompt entry.
+  auto candidate = [&](int64_t s) {
+    return valid[s] && born[s] != t && !(a.protect_prompt && prompt[s]);
+  };
   auto reward = [&](int64_t s) {
     if (tau[s] == t) return;  // already rewarded at this step (the token inserted in it)
     crf[s] = crf[s] * decay(t - tau[s]) + 1.0f;
@@ -270,7 +276,7 @@ void lrfu_observe_evict(const LrfuArgs& a, int64_t item, int64_t extent, const f
     int64_t best = -1;
     float best_score = 0.0f;
     for (int64_t s = 0; s < E; ++s) {
-      if (!valid[s] || born[s] == t) continue;
+      if (!candidate(s)) continue;
       const float score = crf[s] * decay(t - tau[s]);
       if (best >= 0 && score > best_score) continue;
       if (best < 0 || score < best_score || tau[s] < tau[best] ||
@@ -284,7 +290,7 @@ void lrfu_observe_evict(const LrfuArgs& a, int64_t item, int64_t extent, const f
     Victim* cand = reinterpret_cast<Victim*>(ranked);
     int64_t m = 0;
     for (int64_t s = 0; s < E; ++s) {
-      if (!valid[s] || born[s] == t) continue;
+      if (!candidate(s)) continue;
       cand[m++] = Victim{crf[s] * decay(t - tau[s]), tau[s], position[s],
                          static_cast<int32_t>(s)};
     }

@@ -1,6 +1,6 @@
 // Torch-facing side of the crystal_vllm._C extension: argument checks, run-time choice
 // of the kernel ISA, parallelisation over (request, KV head), and op registration as
-// torch.ops.crystal_vllm.{paged_decode_attention, write_kv}.
+// torch.ops.crystal_vllm.{paged_decode_attention, write_kv, lrfu_decode, first_free_slots}.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -233,7 +233,7 @@ void write_kv(const at::Tensor& kv_pool, const at::Tensor& block_tables, const a
   }
 }
 
-// One decode step of one layer under an LRFU policy (torch_ref.lrfu_decode_layer): per
+// One decode step of one layer under an LRFU policy (the policy's generic decode_layer): per
 // (request, KV head), record the new token in the state, write its K/V, attend over the
 // head's entries, then feed the probabilities to the LRFU update and evict, all inside one
 // parallel region so the probabilities never leave the core's cache. The state tensors are
@@ -246,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor> lrfu_decode(
     const at::Tensor& budgets, const at::Tensor& valid, const at::Tensor& position,
     const at::Tensor& born, const at::Tensor& crf, const at::Tensor& tau,
     const at::Tensor& prompt, const at::Tensor& step, double scale, double lam, double top_p,
-    bool gqa_max) {
+    bool gqa_max, bool protect_prompt) {
   constexpr const char* op = "lrfu_decode";
   check_pool(kv_pool, op);
   TORCH_CHECK_VALUE(query.dim() == 3 && key.dim() == 3 && value.sizes() == key.sizes(), op,
@@ -344,6 +344,7 @@ std::tuple<at::Tensor, at::Tensor> lrfu_decode(
   lrfu.lam = static_cast<float>(lam);
   lrfu.top_p = static_cast<float>(top_p);
   lrfu.gqa_max = gqa_max;
+  lrfu.protect_prompt = protect_prompt;
 
   const DecodeKernel kernel = pick_kernel(d);
   const int64_t elem = kv_pool.element_size(), row_bytes = d * elem;
@@ -456,7 +457,7 @@ TORCH_LIBRARY(crystal_vllm, m) {
       "Tensor block_tables, Tensor rows, int layer, Tensor slots, Tensor positions, "
       "Tensor budgets, Tensor(b!) valid, Tensor(c!) position, Tensor(d!) born, "
       "Tensor(e!) crf, Tensor(f!) tau, Tensor(g!) prompt, Tensor step, float scale, "
-      "float lam, float top_p, bool gqa_max) -> (Tensor, Tensor)");
+      "float lam, float top_p, bool gqa_max, bool protect_prompt) -> (Tensor, Tensor)");
   m.def("first_free_slots(Tensor valid, Tensor rows) -> Tensor");
 }
 

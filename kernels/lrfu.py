@@ -180,6 +180,7 @@ def _lrfu_kernel(
     S_PAD: tl.constexpr,
     LOW_BITS: tl.constexpr,
     GQA_MAX: tl.constexpr,
+    PROTECT_PROMPT: tl.constexpr,
     ALL_HITS: tl.constexpr,
     TINY: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -238,11 +239,15 @@ def _lrfu_kernel(
     score = tl.where(rewarded, crf, decayed)  # lam**0 == 1
 
     born = tl.load(born_ptr + entry, mask=inside, other=0).to(tl.int32)
-    born_now = valid & (born == t)
+    # Protected prompt entries are attended and rewarded, never counted nor evicted.
+    counted = valid
+    if PROTECT_PROMPT:
+        counted = valid & (tl.load(prompt_ptr + entry, mask=inside, other=0) == 0)
+    born_now = counted & (born == t)
     budget = tl.load(budget_ptr + i.to(tl.int64) * stride_bb + h * stride_bh)
     keep = tl.maximum(budget, tl.sum(born_now.to(tl.int32)))
-    candidates = valid & ~born_now
-    excess = tl.sum(valid.to(tl.int32)) - keep
+    candidates = counted & ~born_now
+    excess = tl.sum(counted.to(tl.int32)) - keep
     excess = tl.minimum(tl.maximum(excess, 0), tl.sum(candidates.to(tl.int32)))
     victim = lowest_entries(score, tau, position, candidates, excess)
 
@@ -274,10 +279,12 @@ def lrfu_decode_step(
     lam: float,
     top_p: float,
     gqa_max: bool,
+    protect_prompt: bool,
     errors: torch.Tensor,
     split_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's step; see :func:`crystal_vllm.ops.torch_ref.lrfu_decode_layer`.
+    """One layer's step; see :func:`crystal_vllm.ops.fused_lrfu_decode` (its oracle is the
+    policy's generic step, :meth:`crystal_vllm.policy.KVPolicy.decode_layer`).
 
     ``state`` holds the layer's ``[R, H, S]`` views (``valid``, ``position``, ``born``,
     ``crf``, ``tau``, ``prompt``; equal strides, bools viewed as uint8), ``step [R]`` and
@@ -353,6 +360,7 @@ def lrfu_decode_step(
         S_PAD=s_pad,
         LOW_BITS=DECAY_LOW_BITS,
         GQA_MAX=gqa_max,
+        PROTECT_PROMPT=protect_prompt,
         ALL_HITS=top_p >= 1.0,
         TINY=FLOAT32_TINY,
         INTERPRET=INTERPRETED,

@@ -44,15 +44,28 @@ def test_think_end_detection() -> None:
         ("crystal", {}, 63, 5),  # adaptive budgets: one block of slack
         ("snapkv", {"buffer": 32}, 64, 6),  # 96 resident -> 6 blocks
         ("full", {}, 64, 256),  # unbounded: the whole sequence (4096 / 16)
+        ("crystal-lite", {"prompt": "keep"}, 64, 6),  # 30 kept prompt entries + 65 -> 95
     ],
 )
 def test_cap_blocks(policy, params, budget, expected) -> None:
-    assert _rule(policy, budget=128, params=params).cap_blocks(budget) == expected
+    params = {"prompt": "evict", **params}
+    assert _rule(policy, budget=128, params=params).cap_blocks(budget, 30) == expected
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [("evict", 65), ("keep", 65 + 100), ("compress", 65 + 40)],
+)
+def test_the_kept_prompt_comes_on_top_of_the_budget(mode: str, expected: int) -> None:
+    rule = _rule("crystal-lite", params={"prompt": mode, "prompt_budget": 40})
+    assert rule.resident_entries(64, 100) == expected
+    assert rule.cap_blocks(64, 100) == -(-expected // 16)
+    assert rule.resident_entries(64, 10) == 65 + (0 if mode == "evict" else 10)
 
 
 def test_cap_never_exceeds_the_whole_sequence() -> None:
     rule = _rule("crystal", budget=4096, len=100)
-    assert rule.cap_blocks(4096) == 7  # ceil(100 / 16), no slack on top
+    assert rule.cap_blocks(4096, 50) == 7  # ceil(100 / 16), no slack on top
     assert rule.max_cap_blocks == 7
 
 

@@ -85,8 +85,10 @@ def add_case_args(
     output_len: int,
     num_requests: int | None = None,
     prompt_len: int | None = None,
+    kv_policy_config: str = "{}",
 ) -> None:
-    """The arguments every speed benchmark takes: model, cases, request shape, block size."""
+    """The arguments every speed benchmark takes: model, cases, request shape, block size,
+    and the ``--kv-policy-config`` every policy case runs with."""
     add_model_arg(parser)
     parser.add_argument(
         "--cases",
@@ -108,6 +110,23 @@ def add_case_args(
         default=32,
         help="KV block size in tokens, a multiple of 32 (default 32)",
     )
+    parser.add_argument(
+        "--kv-policy-config",
+        type=_json_object,
+        default=_json_object(kv_policy_config),
+        help="JSON object of policy options for every case but none, as vllm serve's "
+        f'--kv-policy-config, e.g. \'{{"prompt": "evict"}}\' (default: {kv_policy_config})',
+    )
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a JSON object")
+    return value
 
 
 # -- model geometry and KV bytes -----------------------------------------------------------
@@ -325,6 +344,7 @@ def case_spec(
         "model": str(model),
         "policy": policy,
         "budget": budget,
+        "policy_config": getattr(args, "kv_policy_config", None) or None,
         **{key: getattr(args, key) for key in shape if hasattr(args, key)},
         "vocab_size": vocab_size,
         **extra,

@@ -19,10 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-#: The stats line; its evictions are the total, prefill evictions included.
+#: The stats line; its evictions are the total, prefill evictions included; the peak
+#: entries per (layer, KV head) are the mean over the requests released so far.
 _STATS_LINE = re.compile(
     r"crystal-vllm: (?P<running>\d+) running, (?P<evictions>\d+) evictions, "
     r"(?P<reallocations>\d+) budget reallocations, (?P<head_blocks>\d+) head-blocks in use"
+    r"(?:[^\n]*?peak entries per \(layer, KV head\): mean (?P<peak_mean>[\d.]+) over "
+    r"(?P<released>\d+) released requests, max (?P<peak_max>[\d.]+))?"
 )
 
 
@@ -34,14 +37,36 @@ class CacheStats:
     evictions: int
     reallocations: int
     head_blocks: int
+    peak_mean: float | None = None
+    released: int | None = None
+    peak_max: float | None = None
 
 
 def parse_cache_stats(log_text: str) -> list[CacheStats]:
     """Every stats line in a server log, in order."""
     return [
-        CacheStats(**{key: int(value) for key, value in m.groupdict().items()})
+        CacheStats(
+            **{
+                key: (float(value) if key.startswith("peak") else int(value))
+                for key, value in m.groupdict().items()
+                if value is not None
+            }
+        )
         for m in _STATS_LINE.finditer(log_text)
     ]
+
+
+def peak_entries_between(before: CacheStats | None, after: CacheStats) -> float | None:
+    """Mean peak entries per (layer, KV head) of the requests released between two stats
+    lines (the memory a case really used), or None when the lines do not say."""
+    if after.peak_mean is None or after.released is None:
+        return None
+    n0 = before.released if before is not None and before.released is not None else 0
+    m0 = before.peak_mean if before is not None and before.peak_mean is not None else 0.0
+    released = after.released - n0
+    if released <= 0:
+        return None
+    return (after.peak_mean * after.released - m0 * n0) / released
 
 
 def logged_cache_stats(log_path: Path) -> list[CacheStats]:

@@ -144,7 +144,8 @@ def first_free_slots(valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return get_impl(device=valid.device).first_free_slots(valid, rows)
 
 
-#: A fused LRFU decode kernel: ``(step, state, *, lam, top_p, gqa_max) -> (out, evicted)``.
+#: A fused LRFU decode kernel:
+#: ``(step, state, *, lam, top_p, gqa_max, protect_prompt) -> (out, evicted)``.
 FusedLRFUDecode = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -153,8 +154,9 @@ def fused_lrfu_decode(kv_pool: torch.Tensor) -> FusedLRFUDecode | None:
     it has none (the torch reference) or cannot run on this pool (device, dtype, layout).
 
     The kernel runs a whole decode layer under LRFU scoring in one call: insert the new
-    token, write its K/V, attend, GQA-reduce, record top-p hits, decay and evict. Its
-    signature: ``kernel(step: DecodeLayer, state: LRFUTensors, *, lam, top_p, gqa_max)``
+    token, write its K/V, attend, GQA-reduce, record top-p hits, decay and evict (never a
+    prompt entry when ``protect_prompt``, nor counting them). Its signature:
+    ``kernel(step: DecodeLayer, state: LRFUTensors, *, lam, top_p, gqa_max, protect_prompt)``
     returning ``out [b, Hq, D]`` and ``evicted [b, H]`` int32. It raises on inputs it does
     not implement instead of falling back.
     """

@@ -123,7 +123,13 @@ def lrfu_decode_applies(kv_pool: torch.Tensor) -> bool:
 
 
 def lrfu_decode(
-    step: DecodeLayer, state: LRFUTensors, *, lam: float, top_p: float, gqa_max: bool
+    step: DecodeLayer,
+    state: LRFUTensors,
+    *,
+    lam: float,
+    top_p: float,
+    gqa_max: bool,
+    protect_prompt: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole LRFU decode layer in one C++ call; see :func:`crystal_vllm.ops.fused_lrfu_decode`.
 
@@ -158,4 +164,5 @@ def lrfu_decode(
         float(lam),
         float(top_p),
         bool(gqa_max),
+        bool(protect_prompt),
     )

@@ -20,7 +20,8 @@ class DecodeLayer:
     Attributes:
         layer: the layer index into the state and ``block_tables``.
         rows: ``[b]`` long, distinct rows of the state, in batch order.
-        slots: ``[b, H]`` long, the free slot of each head that takes the new token.
+        slots: ``[b, H]`` long, the free slot of each head that takes the new token
+            (negative: the head has none, its token is not stored).
         positions: ``[b]`` long, the new token's logical position.
         budgets: ``[b, H]`` long, entries each head keeps after the step.
         query: ``[b, Hq, D]``; ``key``, ``value``: ``[b, H, D]`` (the new token).

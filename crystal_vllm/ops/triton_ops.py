@@ -240,7 +240,13 @@ def lrfu_decode_applies(kv_pool: torch.Tensor) -> bool:
 
 
 def lrfu_decode(
-    step: DecodeLayer, state: LRFUTensors, *, lam: float, top_p: float, gqa_max: bool
+    step: DecodeLayer,
+    state: LRFUTensors,
+    *,
+    lam: float,
+    top_p: float,
+    gqa_max: bool,
+    protect_prompt: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole LRFU decode layer in three kernel launches; see
     :func:`crystal_vllm.ops.fused_lrfu_decode` (same results as the policy's generic step,
@@ -323,6 +329,7 @@ def lrfu_decode(
         lam=lam,
         top_p=top_p,
         gqa_max=gqa_max,
+        protect_prompt=protect_prompt,
         errors=errors,
         split_size=_split_size,
     )

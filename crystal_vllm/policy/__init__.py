@@ -1,18 +1,21 @@
 """Scoring and selection for KV-cache eviction: Crystal-KV and the baselines.
 
 Pure torch on batched ``[rows, layers, kv_heads, slots]`` tensors; no vLLM import. See
-``docs/algorithm.md`` for how this package resolves ALGORITHM.md.
+``docs/algorithm.md`` for the algorithm and the decisions this package takes.
 """
 
 from crystal_vllm.policy.allocator import allocate_budgets
 from crystal_vllm.policy.base import UNBOUNDED, KVPolicy, PolicyState
-from crystal_vllm.policy.baselines import FullPolicy, H2OPolicy, StreamingPolicy
+from crystal_vllm.policy.baselines import FullPolicy, H2OPolicy, RandomPolicy, StreamingPolicy
 from crystal_vllm.policy.configs import (
+    PROMPT_MODES,
     CrystalConfig,
     FullConfig,
     H2OConfig,
     LRFUConfig,
     LRUConfig,
+    PolicyConfig,
+    RandomConfig,
     RKVConfig,
     SnapKVConfig,
     StreamingConfig,
@@ -29,6 +32,7 @@ from crystal_vllm.policy.windowed import RKVPolicy, SnapKVPolicy
 
 __all__ = [
     "POLICY_NAMES",
+    "PROMPT_MODES",
     "UNBOUNDED",
     "CrystalConfig",
     "CrystalLitePolicy",
@@ -42,7 +46,10 @@ __all__ = [
     "LRFUPolicy",
     "LRUConfig",
     "LRUPolicy",
+    "PolicyConfig",
     "PolicyState",
+    "RandomConfig",
+    "RandomPolicy",
     "RKVConfig",
     "RKVPolicy",
     "SnapKVConfig",

@@ -37,10 +37,16 @@ class PolicyState:
     valid: torch.Tensor  # bool [R, L, H, S]: the slot holds an entry
     position: torch.Tensor  # int64 [R, L, H, S]: logical token position, -1 when empty
     born: torch.Tensor  # int64 [R, L, H, S]: step at which the entry was inserted
+    prompt: torch.Tensor  # bool [R, L, H, S]: a prompt entry (inserted by a prefill)
     step: torch.Tensor  # int64 [R]: the row's own step counter t
 
     ROW_FIELDS: ClassVar[tuple[str, ...]] = ("step",)
-    EMPTY: ClassVar[dict[str, Any]] = {"valid": False, "position": -1, "born": 0}
+    EMPTY: ClassVar[dict[str, Any]] = {
+        "valid": False,
+        "position": -1,
+        "born": 0,
+        "prompt": False,
+    }
 
     def entry_fields(self) -> list[str]:
         """Names of every per-entry field (leading dims ``[R, L, H, S]``)."""
@@ -131,6 +137,7 @@ class KVPolicy(ABC):
             "valid": torch.zeros(shape, dtype=torch.bool, device=device),
             "position": torch.full(shape, -1, dtype=torch.int64, device=device),
             "born": torch.zeros(shape, dtype=torch.int64, device=device),
+            "prompt": torch.zeros(shape, dtype=torch.bool, device=device),
             "step": torch.zeros(num_rows, dtype=torch.int64, device=device),
         }
         tensors.update(self._extra_fields(shape, device))
@@ -175,6 +182,7 @@ class KVPolicy(ABC):
         masked_update(state.valid, rows, new, True)
         masked_update(state.position, rows, new, positions)
         masked_update(state.born, rows, new, t)
+        masked_update(state.prompt, rows, new, prefill)
         for name, value in self._new_entry_values(t, prefill).items():
             masked_update(getattr(state, name), rows, new, value)
 
@@ -203,7 +211,31 @@ class KVPolicy(ABC):
         """GQA-reduce ``probs`` to one distribution per KV head, by the config's rule."""
         return gqa_reduce(probs, state.num_kv_heads, self.config.gqa_reduce)
 
-    @abstractmethod
+    @property
+    def keeps_prompt(self) -> bool:
+        """Whether prompt entries are protected: never evicted, not counted in the budget
+        (``prompt`` is ``keep`` or ``compress``)."""
+        return self.config.prompt != "evict"
+
+    def prompt_kept(self, prompt_len: int) -> int:
+        """Prompt entries one head holds on top of :meth:`max_resident` for a prompt of
+        ``prompt_len`` tokens: all (``keep``), what a selection at ``prompt_budget`` leaves
+        (``compress``: ``max_resident(prompt_budget) - 1``, i.e. ``prompt_budget`` for the
+        every-step policies and up to ``prompt_budget + buffer - 1`` for snapkv/rkv, which
+        compress only past the buffer), or none (``evict``: they count in the budget)."""
+        mode = self.config.prompt
+        if mode == "keep":
+            return prompt_len
+        if mode == "compress":
+            return min(prompt_len, self.max_resident(self.config.prompt_budget) - 1)
+        return 0
+
+    def counted(self, state: PolicyState, rows: torch.Tensor) -> torch.Tensor:
+        """Entries ``[b, L, H, S]`` that count against the budget and may be evicted."""
+        ri = row_index(rows, state.num_rows)
+        valid = state.valid[ri]
+        return valid & ~state.prompt[ri] if self.keeps_prompt else valid
+
     def select_evictions(
         self,
         state: PolicyState,
@@ -211,11 +243,27 @@ class KVPolicy(ABC):
         budgets: torch.Tensor,
         keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Victims ``[b, L, H, S]`` so that each head keeps ``<= max(budget, #born now)``.
+        """Victims ``[b, L, H, S]`` so that each head keeps ``<= max(budget, #born now)``
+        counted entries.
 
-        Pure: the state is not modified. Only valid entries are returned, never one born in
-        the current step.
+        Pure: the state is not modified. Only counted entries are returned, never one born
+        in the current step. Protected prompt entries are hidden from the policy's own
+        choice (:meth:`_select_victims`), so every policy treats the prompt the same way.
         """
+        if self.keeps_prompt:
+            state = replace(state, valid=state.valid & ~state.prompt)
+        return self._select_victims(state, rows, budgets, keys)
+
+    @abstractmethod
+    def _select_victims(
+        self,
+        state: PolicyState,
+        rows: torch.Tensor,
+        budgets: torch.Tensor,
+        keys: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The policy's choice among the valid entries of ``state`` (see
+        :meth:`select_evictions`)."""
 
     def decode_layer(
         self, state: PolicyState, step: DecodeLayer
@@ -230,7 +278,9 @@ class KVPolicy(ABC):
         layer_state = state.layer(step.layer)
         b, h = step.slots.shape
         new = torch.zeros(b, 1, h, state.num_slots, dtype=torch.bool, device=step.slots.device)
-        new.scatter_(-1, step.slots[:, None, :, None], True)
+        # A negative slot means "no slot for this head's token" (as in the kernels).
+        slots = step.slots[:, None, :, None]
+        new.scatter_(-1, slots.clamp_min(0), slots >= 0)
         positions = step.positions.view(b, 1, 1, 1).expand_as(new)
         self.insert(layer_state, step.rows, new, positions)
         tables = step.layer_tables
@@ -265,8 +315,7 @@ class KVPolicy(ABC):
 
     def head_utilisation(self, state: PolicyState, rows: torch.Tensor) -> torch.Tensor:
         """``S[l, h]`` of Algorithm 2; policies without a score report their occupancy."""
-        ri = row_index(rows, state.num_rows)
-        return state.valid[ri].sum(-1).to(torch.float32)
+        return self.counted(state, rows).sum(-1).to(torch.float32)
 
     @abstractmethod
     def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:

@@ -1,4 +1,4 @@
-"""Baselines that act every step (ALGORITHM.md §5): ``full``, ``streaming`` and ``h2o``."""
+"""Baselines that act every step: ``full``, ``streaming``, ``h2o`` and ``random``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 import torch
 
 from crystal_vllm.policy.base import UNBOUNDED, KVPolicy, PolicyState
-from crystal_vllm.policy.configs import FullConfig, H2OConfig, StreamingConfig
-from crystal_vllm.policy.select import row_index, select_lowest
+from crystal_vllm.policy.configs import FullConfig, H2OConfig, RandomConfig, StreamingConfig
+from crystal_vllm.policy.select import masked_update, row_index, select_lowest
 
 
 def _born_now(state: PolicyState, rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -29,12 +29,12 @@ class FullPolicy(KVPolicy):
     config_cls: ClassVar[type] = FullConfig
     needs_attention: ClassVar[bool] = False
 
-    def select_evictions(
+    def _select_victims(
         self,
         state: PolicyState,
         rows: torch.Tensor,
         budgets: torch.Tensor,
-        keys: torch.Tensor | None = None,
+        keys: torch.Tensor | None,
     ) -> torch.Tensor:
         ri = row_index(rows, state.num_rows)
         return torch.zeros_like(state.valid[ri])
@@ -52,12 +52,12 @@ class StreamingPolicy(KVPolicy):
     needs_attention: ClassVar[bool] = False
     config: StreamingConfig
 
-    def select_evictions(
+    def _select_victims(
         self,
         state: PolicyState,
         rows: torch.Tensor,
         budgets: torch.Tensor,
-        keys: torch.Tensor | None = None,
+        keys: torch.Tensor | None,
     ) -> torch.Tensor:
         """Evict the oldest non-sink positions; sinks go last (only if the budget < sinks)."""
         ri = row_index(rows, state.num_rows)
@@ -117,12 +117,12 @@ class H2OPolicy(KVPolicy):
         p = self._reduce(state, probs).to(torch.float32)
         state.acc[ri] = state.acc[ri] + torch.where(state.valid[ri], p, 0.0)
 
-    def select_evictions(
+    def _select_victims(
         self,
         state: H2OState,
         rows: torch.Tensor,
         budgets: torch.Tensor,
-        keys: torch.Tensor | None = None,
+        keys: torch.Tensor | None,
     ) -> torch.Tensor:
         """Evict the lowest cumulative attention outside the recent half; ties: older first."""
         ri = row_index(rows, state.num_rows)
@@ -138,7 +138,7 @@ class H2OPolicy(KVPolicy):
 
     def head_utilisation(self, state: H2OState, rows: torch.Tensor) -> torch.Tensor:
         ri = row_index(rows, state.num_rows)
-        return torch.where(state.valid[ri], state.acc[ri], 0.0).sum(-1)
+        return torch.where(self.counted(state, rows), state.acc[ri], 0.0).sum(-1)
 
     def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:
         return budget + 1
@@ -153,3 +153,77 @@ def _highest_positions(
     idx = (k - 1).clamp(0, position.shape[-1] - 1).unsqueeze(-1)
     threshold = ordered.gather(-1, idx)
     return valid & (key >= threshold) & (k > 0).unsqueeze(-1)
+
+
+@dataclass
+class RandomState(PolicyState):
+    """Adds a uniform random rank per entry, drawn when it is inserted."""
+
+    rank: torch.Tensor  # float32 [R, L, H, S]
+
+    EMPTY: ClassVar[dict[str, Any]] = {**PolicyState.EMPTY, "rank": 0.0}
+
+
+#: The Mersenne prime 2**31 - 1 and the MINSTD multiplier: products stay inside int64.
+_MODULUS, _MULTIPLIER = 2**31 - 1, 48271
+
+
+def uniform_rank(seed: int, position: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """A uniform number in [0, 1) per (seed, position, KV head): a fixed function, so a
+    request's ranks depend on nothing but its own tokens (not on its batch or its row)."""
+    h = (position * 2654435761 + head * 40503 + seed * 97531 + 12345) % _MODULUS
+    for _ in range(4):
+        h = (h * _MULTIPLIER) % _MODULUS
+        h = h ^ (h >> 13)
+    return h.to(torch.float64).div(_MODULUS).to(torch.float32)
+
+
+class RandomPolicy(KVPolicy):
+    """``random``: evict uniformly at random among the evictable entries.
+
+    Each entry gets a uniform rank at insert (:func:`uniform_rank` of ``seed``, its
+    position and its KV head); the lowest ranks go first, which picks every subset of a
+    given size with the same probability. The same position ranks alike in every layer of
+    a head. The simplest baseline the paper's method must beat.
+    """
+
+    name: ClassVar[str] = "random"
+    config_cls: ClassVar[type] = RandomConfig
+    state_cls: ClassVar[type[PolicyState]] = RandomState
+    needs_attention: ClassVar[bool] = False
+    config: RandomConfig
+
+    def _extra_fields(
+        self, shape: tuple[int, int, int, int], device: torch.device
+    ) -> dict[str, torch.Tensor]:
+        return {"rank": torch.zeros(shape, dtype=torch.float32, device=device)}
+
+    def insert(
+        self,
+        state: RandomState,
+        rows: torch.Tensor,
+        new: torch.Tensor,
+        positions: torch.Tensor,
+        *,
+        prefill: bool = False,
+    ) -> None:
+        super().insert(state, rows, new, positions, prefill=prefill)
+        heads = torch.arange(new.shape[2], device=new.device).view(1, 1, -1, 1)
+        masked_update(state.rank, rows, new, uniform_rank(self.config.seed, positions, heads))
+
+    def _select_victims(
+        self,
+        state: RandomState,
+        rows: torch.Tensor,
+        budgets: torch.Tensor,
+        keys: torch.Tensor | None,
+    ) -> torch.Tensor:
+        ri = row_index(rows, state.num_rows)
+        valid = state.valid[ri]
+        born_now = _born_now(state, rows, valid)
+        return select_lowest(
+            state.rank[ri], state.position[ri], valid & ~born_now, _excess(valid, born_now, budgets)
+        )
+
+    def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:
+        return budget + 1

@@ -1,7 +1,7 @@
 """Dataclass configs of the policies: algorithm parameters only (budgets come per call).
 
-Defaults are ALGORITHM.md §7. Every config validates itself in ``__post_init__`` and names
-the bad value and the allowed range.
+Defaults and meanings: docs/algorithm.md §9. Every config validates itself in
+``__post_init__`` and names the bad value and the allowed range.
 """
 
 from __future__ import annotations
@@ -35,30 +35,53 @@ def _check_gqa(value: str) -> None:
         raise ValueError(f"gqa_reduce must be one of {', '.join(GQA_REDUCE_MODES)}, got {value!r}")
 
 
-@dataclass
-class FullConfig:
-    """``full`` has no parameters."""
+#: How a policy treats the prompt's entries (``prompt``, the same option for every policy):
+#: ``keep``: never evicted, not counted against the budget (they come on top of it);
+#: ``compress``: reduced once, at prefill, to ``prompt_budget`` entries per head by the
+#: policy's own prefill scoring, then kept; ``evict``: ordinary entries under the budget.
+PROMPT_MODES = ("keep", "compress", "evict")
 
 
 @dataclass
-class LRFUConfig:
+class PolicyConfig:
+    """Options every policy has: how the prompt's entries are treated."""
+
+    # compress with 256: a question (GSM8K: ~100-150 tokens) is kept whole, a long prompt
+    # is reduced to 256 entries per head, so every request's memory stays bounded.
+    prompt: str = "compress"
+    prompt_budget: int = 256  # entries per head a prompt keeps under ``compress``
+
+    def __post_init__(self) -> None:
+        if self.prompt not in PROMPT_MODES:
+            raise ValueError(
+                f"prompt must be one of {', '.join(PROMPT_MODES)}, got {self.prompt!r}"
+            )
+        _check_int("prompt_budget", self.prompt_budget, 1)
+
+
+@dataclass
+class FullConfig(PolicyConfig):
+    """``full`` has no parameters of its own (it never evicts, whatever ``prompt`` says)."""
+
+
+@dataclass
+class LRFUConfig(PolicyConfig):
     """Attention-LRFU (paper Algorithm 1) with uniform budgets: ``crystal-lite``."""
 
     top_p: float = 0.9  # hit nucleus
     lam: float = 0.6  # decay base per step: 0 = LRU over hits, 1 = LFU over hits
     gqa_reduce: str = "mean"  # how the query heads of a group are combined
     obs_window: int = 8  # prompt queries replayed as hits after prefill
-    protect_prompt: bool = False  # prompt entries never evicted, not counted in the budget
     # Record hits from the first step (True) or, as the paper's listing does, only once the
     # head holds at least its budget (False; then `observe` needs `budgets=`).
     hits_before_full: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_unit("top_p", self.top_p, open_low=True)
         _check_unit("lam", self.lam, open_low=False)
         _check_gqa(self.gqa_reduce)
         _check_int("obs_window", self.obs_window, 0)
-        _check_bool("protect_prompt", self.protect_prompt)
         _check_bool("hits_before_full", self.hits_before_full)
 
 
@@ -85,29 +108,31 @@ class CrystalConfig(LRFUConfig):
 
 
 @dataclass
-class StreamingConfig:
+class StreamingConfig(PolicyConfig):
     """StreamingLLM: attention sinks + the most recent entries."""
 
     sinks: int = 4
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_int("sinks", self.sinks, 0)
 
 
 @dataclass
-class H2OConfig:
+class H2OConfig(PolicyConfig):
     """H2O: cumulative attention heavy hitters (half the budget) + recent entries (half)."""
 
     gqa_reduce: str = "mean"
     obs_window: int = 8
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_gqa(self.gqa_reduce)
         _check_int("obs_window", self.obs_window, 0)
 
 
 @dataclass
-class SnapKVConfig:
+class SnapKVConfig(PolicyConfig):
     """SnapKV during decode: every ``buffer`` new entries, keep the observation window plus
     the top entries by max-pooled window attention."""
 
@@ -117,6 +142,7 @@ class SnapKVConfig:
     buffer: int = 128  # entries a head may grow past its budget before compressing
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_gqa(self.gqa_reduce)
         _check_int("window", self.window, 1)
         _check_int("kernel", self.kernel, 1)
@@ -139,3 +165,14 @@ class RKVConfig(SnapKVConfig):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not ok or not -1.0 <= value <= 1.0:
             raise ValueError(f"similarity_threshold must be a number in [-1, 1], got {value!r}")
+
+
+@dataclass
+class RandomConfig(PolicyConfig):
+    """``random``: uniform random eviction among the evictable entries, seeded."""
+
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("seed", self.seed, 0)

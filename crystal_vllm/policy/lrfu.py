@@ -27,13 +27,11 @@ class LRFUState(PolicyState):
 
     crf: torch.Tensor  # float32 [R, L, H, S]
     tau: torch.Tensor  # int64 [R, L, H, S]
-    prompt: torch.Tensor  # bool [R, L, H, S]: inserted by prefill (for protect_prompt)
 
     EMPTY: ClassVar[dict[str, Any]] = {
         **PolicyState.EMPTY,
         "crf": 0.0,
         "tau": 0,
-        "prompt": False,
     }
 
 
@@ -59,13 +57,12 @@ class LRFUPolicy(KVPolicy):
         return {
             "crf": torch.zeros(shape, dtype=torch.float32, device=device),
             "tau": torch.zeros(shape, dtype=torch.int64, device=device),
-            "prompt": torch.zeros(shape, dtype=torch.bool, device=device),
         }
 
     def _new_entry_values(self, t: torch.Tensor, prefill: bool) -> dict[str, Any]:
         if prefill:
-            return {"crf": 0.0, "tau": 0, "prompt": True}
-        return {"crf": 1.0, "tau": t, "prompt": False}
+            return {"crf": 0.0, "tau": 0}
+        return {"crf": 1.0, "tau": t}
 
     def decayed_crf(self, state: LRFUState, rows: torch.Tensor) -> torch.Tensor:
         """Current CRF ``lam**(t - tau) * crf`` of every slot (0 on empty slots)."""
@@ -76,11 +73,16 @@ class LRFUPolicy(KVPolicy):
 
     def kernel_params(self) -> dict[str, Any] | None:
         """The scalars the fused LRFU kernels take, or None when this configuration needs
-        something they do not implement (prompt protection, hits only once full)."""
+        something they do not implement (hits recorded only once a head is full)."""
         config = self.config
-        if config.protect_prompt or not config.hits_before_full:
+        if not config.hits_before_full:
             return None
-        return {"lam": config.lam, "top_p": config.top_p, "gqa_max": config.gqa_reduce == "max"}
+        return {
+            "lam": config.lam,
+            "top_p": config.top_p,
+            "gqa_max": config.gqa_reduce == "max",
+            "protect_prompt": self.keeps_prompt,
+        }
 
     def decode_layer(
         self, state: LRFUState, step: DecodeLayer
@@ -90,12 +92,6 @@ class LRFUPolicy(KVPolicy):
         if kernel is None:
             return super().decode_layer(state, step)
         return kernel(step, state, **params)
-
-    def _counted(self, state: LRFUState, rows: torch.Tensor) -> torch.Tensor:
-        """Entries that count against the budget (and may be evicted)."""
-        ri = row_index(rows, state.num_rows)
-        valid = state.valid[ri]
-        return valid & ~state.prompt[ri] if self.config.protect_prompt else valid
 
     def observe(
         self,
@@ -118,7 +114,7 @@ class LRFUPolicy(KVPolicy):
         if not self.config.hits_before_full:
             if budgets is None:
                 raise ValueError("hits_before_full=False needs observe(..., budgets=...)")
-            full = self._counted(state, rows).sum(-1) >= budgets
+            full = self.counted(state, rows).sum(-1) >= budgets
             hit &= full.unsqueeze(-1)
         t = state.step[ri].view(-1, 1, 1, 1)
         tau = state.tau[ri]
@@ -128,31 +124,31 @@ class LRFUPolicy(KVPolicy):
         state.crf[ri] = torch.where(hit, decayed + 1.0, crf)
         state.tau[ri] = torch.where(hit, t, tau)
 
-    def select_evictions(
+    def _select_victims(
         self,
         state: LRFUState,
         rows: torch.Tensor,
         budgets: torch.Tensor,
-        keys: torch.Tensor | None = None,
+        keys: torch.Tensor | None,
     ) -> torch.Tensor:
         """Evict the lowest decayed CRF first; ties: older ``tau``, then older position."""
         ri = row_index(rows, state.num_rows)
-        counted = self._counted(state, rows)
+        valid = state.valid[ri]
         t = state.step[ri].view(-1, 1, 1, 1)
-        born_now = counted & (state.born[ri] == t)
+        born_now = valid & (state.born[ri] == t)
         keep = torch.maximum(budgets, born_now.sum(-1))
-        excess = (counted.sum(-1) - keep).clamp_min(0)
+        excess = (valid.sum(-1) - keep).clamp_min(0)
         secondary = recency_key(state.tau[ri], state.position[ri])
-        return select_lowest(self.decayed_crf(state, rows), secondary, counted & ~born_now, excess)
+        return select_lowest(self.decayed_crf(state, rows), secondary, valid & ~born_now, excess)
 
     def head_utilisation(self, state: LRFUState, rows: torch.Tensor) -> torch.Tensor:
         """Sum of the current decayed CRF over the entries counted against each budget."""
         crf = self.decayed_crf(state, rows)
-        return torch.where(self._counted(state, rows), crf, 0.0).sum(-1)
+        return torch.where(self.counted(state, rows), crf, 0.0).sum(-1)
 
     def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:
         """The budget plus the entry written in the step before its victim leaves
-        (prompt entries under ``protect_prompt`` come on top of this)."""
+        (protected prompt entries come on top of this, see :meth:`prompt_kept`)."""
         return budget + 1
 
 
@@ -198,7 +194,7 @@ class CrystalPolicy(LRFUPolicy):
         due = state.step[ri] % self.config.realloc_interval == 0
         if not bool(due.any()):  # most steps: skip counting the entries of every head
             return None
-        held = self._counted(state, rows[due]).sum(dim=-1)
+        held = self.counted(state, rows[due]).sum(dim=-1)
         filled = (held >= budgets[due]).flatten(1).all(dim=1)
         if not bool(filled.any()):
             return None

@@ -7,7 +7,7 @@ from dataclasses import fields
 from typing import Any
 
 from crystal_vllm.policy.base import KVPolicy
-from crystal_vllm.policy.baselines import FullPolicy, H2OPolicy, StreamingPolicy
+from crystal_vllm.policy.baselines import FullPolicy, H2OPolicy, RandomPolicy, StreamingPolicy
 from crystal_vllm.policy.lrfu import CrystalLitePolicy, CrystalPolicy, LRUPolicy
 from crystal_vllm.policy.windowed import RKVPolicy, SnapKVPolicy
 
@@ -22,6 +22,7 @@ _POLICIES: dict[str, type[KVPolicy]] = {
         H2OPolicy,
         SnapKVPolicy,
         RKVPolicy,
+        RandomPolicy,
     )
 }
 
@@ -34,6 +35,7 @@ POLICY_NAMES: tuple[str, ...] = (
     "h2o",
     "snapkv",
     "rkv",
+    "random",
 )
 assert set(POLICY_NAMES) == set(_POLICIES)
 
@@ -54,7 +56,7 @@ def policy_param_names(name: str) -> set[str]:
 
 
 def make_policy(name: str, params: Mapping[str, Any] | None = None) -> KVPolicy:
-    """Build policy ``name`` with ``params`` over its defaults (ALGORITHM.md §7).
+    """Build policy ``name`` with ``params`` over its defaults (docs/algorithm.md §9).
 
     Raises ``ValueError`` naming the unknown policy, the unknown parameter (with the allowed
     ones) or the bad value (with its allowed range). Strings such as ``"0.9"`` or

@@ -1,4 +1,4 @@
-"""Baselines that compress in bursts (ALGORITHM.md §5): ``snapkv`` and ``rkv``.
+"""Baselines that compress in bursts (docs/algorithm.md §8): ``snapkv`` and ``rkv``.
 
 A head is left alone until it holds ``budget + buffer`` entries; then it keeps the
 ``window`` most recent entries plus the best ``budget - window`` of the rest. Scores use
@@ -61,12 +61,12 @@ class SnapKVPolicy(KVPolicy):
         col = state.step[ri] % self.config.window
         state.ring[rows, :, :, :, col] = torch.where(state.valid[ri], p, 0.0)
 
-    def select_evictions(
+    def _select_victims(
         self,
         state: WindowState,
         rows: torch.Tensor,
         budgets: torch.Tensor,
-        keys: torch.Tensor | None = None,
+        keys: torch.Tensor | None,
     ) -> torch.Tensor:
         """Compress heads holding ``>= budget + buffer`` entries down to their budget."""
         ri = row_index(rows, state.num_rows)

@@ -11,7 +11,7 @@ never leak to the caller.
 
 A decode layer is the policy's own step (:meth:`~crystal_vllm.policy.KVPolicy.decode_layer`):
 write the new token's K/V into the free slot picked here, attend over all entries
-including it, record the hits, evict down to the budget (ALGORITHM.md §2); LRFU policies
+including it, record the hits, evict down to the budget (docs/algorithm.md §2); LRFU policies
 run it as one fused kernel where the ops offer one. At the end of a step the policy may
 move budgets (:meth:`~crystal_vllm.policy.KVPolicy.end_step`, Algorithm 2 for
 ``crystal``); surplus head-blocks then go back to the request.
@@ -23,7 +23,7 @@ entries are written to the request's slots.
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,8 +36,6 @@ from crystal_vllm.cache import HeadBlockLayout, HeadBlockTables
 from crystal_vllm.ops import DecodeLayer
 from crystal_vllm.policy import KVPolicy
 
-logger = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class StepRequest:
@@ -46,6 +44,7 @@ class StepRequest:
     req_id: str
     num_new_tokens: int
     num_computed_tokens: int
+    num_prompt_tokens: int
     block_ids: Sequence[int]
     budget: int
 
@@ -62,6 +61,9 @@ class CacheStats:
     reallocations: int = 0
     prefill_evictions: int = 0
     steps: int = 0
+    released_requests: int = 0  # rows given back (finished, aborted or preempted)
+    peak_entries_sum: float = 0.0  # their peak entries per (layer, KV head), summed
+    peak_entries_max: float = 0.0  # and the largest of them
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,12 @@ class CacheSummary:
     head_blocks_in_use: int
     head_blocks_capacity: int
     kept_per_layer: list[int]
+    #: Peak KV entries per (layer, KV head) of a request over its life (prompt, generated
+    #: and buffered entries, the step's new token included): the mean and the largest over
+    #: the requests released so far. The memory a policy really used, for fair comparisons.
+    mean_peak_entries: float
+    max_peak_entries: float
+    released_requests: int
 
     @property
     def total_evictions(self) -> int:
@@ -94,8 +102,8 @@ class _StepPlan:
     decode_slots: torch.Tensor  # long [L, b, H]: the slot each head's new token takes
     decode_positions: torch.Tensor  # long [b]
     decode_budgets: torch.Tensor  # long [L, b, H]
-    prefills: list[tuple[int, int, int]] = field(default_factory=list)
-    # (row, first token index, num tokens)
+    prefills: list[tuple[int, int, int, int]] = field(default_factory=list)
+    # (row, first token index, num tokens, how many of them are prompt tokens)
     evicted: list[torch.Tensor] = field(default_factory=list)  # per-layer counts, summed
     # at the end of the step (one sync per step instead of one per layer)
 
@@ -130,10 +138,13 @@ class CompressedKVCache:
         )
         self.budgets = torch.zeros(max_rows, L, H, dtype=torch.long, device=device)
         self.stats = CacheStats()
+        self._held = torch.zeros(max_rows, dtype=torch.long, device=device)  # after a step
+        self._peak = torch.zeros(max_rows, dtype=torch.long, device=device)
         self._rows: dict[str, int] = {}
         self._free_rows = list(range(max_rows - 1, -1, -1))
         self._blocks_seen: dict[str, int] = {}
         self._row_budgets: dict[str, int] = {}
+        self._num_prompt: dict[str, int] = {}  # prompt entries of each request's prefill
         self._plan: _StepPlan | None = None
 
     # -- request lifecycle -------------------------------------------------------------
@@ -144,10 +155,16 @@ class CompressedKVCache:
         if row is None:
             return
         rows = torch.tensor([row], device=self.budgets.device)
+        peak = int(self._peak[row]) / (self.layout.num_layers * self.layout.num_kv_heads)
+        self.stats.released_requests += 1
+        self.stats.peak_entries_sum += peak
+        self.stats.peak_entries_max = max(self.stats.peak_entries_max, peak)
+        self._held[row] = self._peak[row] = 0
         self.tables.release(rows)
         self.policy.reset(self.state, rows)
         self._blocks_seen.pop(req_id, None)
         self._row_budgets.pop(req_id, None)
+        self._num_prompt.pop(req_id, None)
         self._free_rows.append(row)
 
     def _row_for(self, request: StepRequest) -> int:
@@ -178,8 +195,12 @@ class CompressedKVCache:
         for request in batch:
             row = self._row_for(request)
             if request.is_prefill:
-                prefills.append((row, token, request.num_new_tokens, request.budget))
+                # A request resumed after preemption is prefilled with its outputs too:
+                # only its first num_prompt_tokens are prompt entries.
+                num_prompt = min(request.num_prompt_tokens, request.num_new_tokens)
+                prefills.append((row, token, request.num_new_tokens, num_prompt, request.budget))
                 self._row_budgets[request.req_id] = request.budget
+                self._num_prompt[request.req_id] = num_prompt
             elif request.num_new_tokens == 1:
                 decode_rows.append(row)
                 decode_tokens.append(token)
@@ -195,11 +216,11 @@ class CompressedKVCache:
 
         if prefills:
             rows = torch.tensor([p[0] for p in prefills], device=device)
-            budgets = torch.tensor([p[3] for p in prefills], device=device)
+            budgets = torch.tensor([p[4] for p in prefills], device=device)
             self.budgets[rows] = budgets[:, None, None]
             self.policy.reset(self.state, rows)
             counts = torch.tensor(
-                [min(p[2], self._slots_for(p[3])) for p in prefills],
+                [min(p[2], self._slots_for(p[4], p[3])) for p in prefills],
                 device=device,
             )
             self.tables.assign_prefill_slots(rows, counts[:, None, None].expand(-1, L, H))
@@ -208,6 +229,8 @@ class CompressedKVCache:
         slots = torch.zeros(len(decode_rows), L, H, dtype=torch.long, device=device)
         positions = torch.tensor(decode_positions, dtype=torch.long, device=device)
         if decode_rows:
+            # During the step every head also holds its new token.
+            self._peak[rows] = torch.maximum(self._peak[rows], self._held[rows] + L * H)
             self.policy.begin_step(self.state, rows)
             need = torch.ones(len(decode_rows), L, H, dtype=torch.bool, device=device)
             slots = self.tables.assign_slots(rows, self.state.valid, need)
@@ -221,7 +244,7 @@ class CompressedKVCache:
             decode_slots=slots.transpose(0, 1).contiguous(),
             decode_positions=positions,
             decode_budgets=self.budgets[rows].transpose(0, 1).contiguous(),
-            prefills=[p[:3] for p in prefills],
+            prefills=[p[:4] for p in prefills],
         )
 
     def _update_budget(self, row: int, request: StepRequest) -> None:
@@ -232,8 +255,10 @@ class CompressedKVCache:
             self.budgets[row] = (self.budgets[row] + request.budget - old).clamp_min(1)
             self._row_budgets[request.req_id] = request.budget
 
-    def _slots_for(self, budget: int) -> int:
-        return min(self.policy.max_resident(budget), self.max_slots)
+    def _slots_for(self, budget: int, num_prompt: int) -> int:
+        """Slots a head needs at most: the budget's bound plus the prompt entries kept."""
+        resident = self.policy.max_resident(budget) + self.policy.prompt_kept(num_prompt)
+        return min(resident, self.max_slots)
 
     def attention(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
@@ -247,9 +272,11 @@ class CompressedKVCache:
         out = torch.empty_like(query)
         if plan.decode_rows.numel():
             out[plan.decode_tokens] = self._decode_layer(layer, plan, query, key, value)
-        for row, start, count in plan.prefills:
+        for row, start, count, num_prompt in plan.prefills:
             tokens = slice(start, start + count)
-            out[tokens] = self._prefill_layer(row, layer, query[tokens], key[tokens], value[tokens])
+            out[tokens] = self._prefill_layer(
+                row, layer, num_prompt, query[tokens], key[tokens], value[tokens]
+            )
         return out
 
     @property
@@ -265,8 +292,22 @@ class CompressedKVCache:
             self.stats.evictions += int(torch.stack(plan.evicted).sum())
         if plan is not None and plan.decode_rows.numel():
             self._reallocate(plan)
+        if plan is not None:
+            self._count_held(plan)
         if self.debug_checks:
             self.check_invariants()
+
+    def _count_held(self, plan: _StepPlan) -> None:
+        """Entries each stepped row holds now, and its peak (for the memory accounting)."""
+        prefill_rows = [p[0] for p in plan.prefills]
+        rows = plan.decode_rows
+        if prefill_rows:
+            rows = torch.cat([rows, torch.tensor(prefill_rows, device=rows.device)])
+        if not rows.numel():
+            return
+        held = self.state.valid[rows].sum(dim=(1, 2, 3))
+        self._held[rows] = held
+        self._peak[rows] = torch.maximum(self._peak[rows], held)
 
     # -- decode -------------------------------------------------------------------------
 
@@ -291,7 +332,7 @@ class CompressedKVCache:
 
     # -- prefill ------------------------------------------------------------------------
 
-    def _prefill_layer(self, row, layer, query, key, value):
+    def _prefill_layer(self, row, layer, num_prompt, query, key, value):
         count, num_kv_heads, _ = key.shape
         group = query.shape[1] // num_kv_heads
         k = key.transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, T, D]
@@ -302,12 +343,18 @@ class CompressedKVCache:
         out = F.scaled_dot_product_attention(
             q[None], k[None], v[None], is_causal=True, scale=self.scale
         )[0]
-        kept, scratch = self._select_prompt_entries(row, layer, query, key)
+        kept, scratch = self._select_prompt_entries(row, layer, num_prompt, query, key)
         self._store_prompt_entries(row, layer, kept, scratch, key, value)
         return out.transpose(0, 1)
 
-    def _select_prompt_entries(self, row, layer, query, key):
-        """Warm a scratch state over the whole prompt and evict it down to the budget."""
+    def _select_prompt_entries(self, row, layer, num_prompt, query, key):
+        """Warm a scratch state over the prefilled tokens and evict it down to the budget.
+
+        The first ``num_prompt`` tokens are prompt entries: kept whole (``prompt``
+        ``keep``), first reduced to ``prompt_budget`` per head by the policy's own choice
+        (``compress``), or ordinary entries (``evict``). The rest (the outputs of a
+        request resumed after preemption) are ordinary entries under the budget.
+        """
         policy, device = self.policy, key.device
         count, num_kv_heads, _ = key.shape
         scratch = policy.init_state(1, 1, num_kv_heads, count, device)
@@ -320,6 +367,7 @@ class CompressedKVCache:
             positions.expand(1, 1, num_kv_heads, count),
             prefill=True,
         )
+        scratch.prompt[..., num_prompt:] = False
         window = min(policy.obs_window, count)
         probs = self._prompt_query_probs(query[-window:], key, count - window) if window else None
         # At least one step passes, so that no prompt entry counts as born this step.
@@ -327,11 +375,22 @@ class CompressedKVCache:
             policy.begin_step(scratch, first)
             if probs is not None:
                 policy.observe(scratch, first, probs[w][None, None])
-        budgets = self.budgets[row, layer][None, None]
         keys = key.transpose(0, 1)[None, None].float() if policy.needs_keys else None
+        evicted = 0
+        if policy.config.prompt == "compress" and num_prompt > policy.config.prompt_budget:
+            # The prompt alone, as ordinary entries, down to prompt_budget per head.
+            no_prompt = torch.zeros_like(scratch.prompt)
+            prompt_only = dataclasses.replace(
+                scratch, valid=scratch.valid & scratch.prompt, prompt=no_prompt
+            )
+            budget = torch.full((1, 1, num_kv_heads), policy.config.prompt_budget, device=device)
+            evict = policy.select_evictions(prompt_only, first, budget, keys=keys)
+            policy.remove(scratch, first, evict)
+            evicted += int(evict.sum())
+        budgets = self.budgets[row, layer][None, None]
         evict = policy.select_evictions(scratch, first, budgets, keys=keys)
         policy.remove(scratch, first, evict)
-        self.stats.prefill_evictions += int(evict.sum())
+        self.stats.prefill_evictions += evicted + int(evict.sum())
         return scratch.valid[0, 0], scratch
 
     def _prompt_query_probs(self, queries, key, first_query) -> torch.Tensor:
@@ -388,8 +447,10 @@ class CompressedKVCache:
         self.policy.remove(self.state, rows, evict)
         self.stats.evictions += int(evict.sum())
         self.stats.reallocations += int(rows.numel())
-        # Each head keeps the head-blocks its new bound needs; the rest go back to the row.
-        resident = self.policy.max_resident(new_budgets)
+        # Each head keeps the head-blocks its new bound and its kept prompt entries need;
+        # the rest go back to the row.
+        prompt_held = (self.state.valid[rows] & self.state.prompt[rows]).sum(dim=-1)
+        resident = self.policy.max_resident(new_budgets) + prompt_held
         self._compact(rows, -torch.div(-resident, self.layout.block_size, rounding_mode="floor"))
 
     def _compact(self, rows: torch.Tensor, keep_blocks: torch.Tensor) -> None:
@@ -409,14 +470,18 @@ class CompressedKVCache:
         self.tables.check_invariants(self.state.valid)
         if not self._rows:
             return
-        rows = torch.tensor(sorted(self._rows.values()), device=self.budgets.device)
-        held = self.state.valid[rows].sum(dim=-1)
-        bound = torch.tensor(
-            [self.policy.max_resident(int(b)) for b in self.budgets[rows].flatten().tolist()],
-            device=held.device,
-        ).view_as(held)
+        req_ids = list(self._rows)
+        rows = torch.tensor([self._rows[r] for r in req_ids], device=self.budgets.device)
+        held = self.policy.counted(self.state, rows).sum(dim=-1)
+        bound = torch.as_tensor(self.policy.max_resident(self.budgets[rows]), device=held.device)
         if bool((held > bound).any()):
             raise AssertionError("a head holds more entries than its budget allows")
+        prompt_held = (self.state.valid[rows] & self.state.prompt[rows]).sum(dim=-1)
+        prompt_bound = torch.tensor(
+            [self.policy.prompt_kept(self._num_prompt[r]) for r in req_ids], device=held.device
+        )
+        if self.policy.keeps_prompt and bool((prompt_held > prompt_bound[:, None, None]).any()):
+            raise AssertionError("a head holds more prompt entries than its prompt mode allows")
 
     def summary(self) -> CacheSummary:
         """The public counters and occupancy (log line, benchmarks, metrics)."""
@@ -435,6 +500,9 @@ class CompressedKVCache:
             head_blocks_in_use=int(self.tables.num_head_blocks.sum()),
             head_blocks_capacity=self.layout.num_head_blocks,
             kept_per_layer=[int(k) for k in kept],
+            mean_peak_entries=self.stats.peak_entries_sum / max(self.stats.released_requests, 1),
+            max_peak_entries=self.stats.peak_entries_max,
+            released_requests=self.stats.released_requests,
         )
 
     def request_ids(self) -> list[str]:

@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 from typing import Any
 
-from vllm.logger import init_logger
 from vllm.platforms.cpu import CpuPlatform
 
 from crystal_vllm.config import (
@@ -25,8 +24,9 @@ from crystal_vllm.config import (
     parse_policy_config,
     policy_names,
 )
+from crystal_vllm.vllm_ext import get_logger
 
-logger = init_logger(__name__)
+logger = get_logger(__name__)
 
 WORKER_CLS = "crystal_vllm.vllm_ext.model_runner.CrystalCPUWorker"
 SCHEDULER_CLS = "crystal_vllm.vllm_ext.scheduler.CrystalScheduler"
@@ -90,7 +90,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="KV-cache eviction policy. 'none' (default) is vanilla vLLM; 'full' runs the "
         "crystal-vllm cache path without evicting; 'crystal' is Crystal-KV (attention-LRFU "
         "with top-p hits and adaptive layer/head budgets); 'crystal-lite' is Crystal-KV with "
-        "uniform budgets; 'lru', 'streaming', 'h2o', 'snapkv' and 'rkv' are the baselines.",
+        "uniform budgets; 'lru', 'streaming', 'h2o', 'snapkv', 'rkv' and 'random' are the "
+        "baselines.",
     )
     group.add_argument(
         "--kv-budget",
@@ -182,10 +183,8 @@ def _unsupported_policy_options(config: CrystalKVConfig) -> list[str]:
     """Policy options the serving path cannot honour yet."""
     policy_config = config.make_policy().config
     reasons = []
-    if getattr(policy_config, "protect_prompt", False):
-        # Protected prompt entries would not count against the budget, so a request's
-        # memory cap would have to grow with its prompt.
-        reasons.append("protect_prompt=true")
+    # The prefill replay observes the prompt before any head is full: hits recorded only
+    # once full (the paper's listing) would need budgets there too.
     if not getattr(policy_config, "hits_before_full", True):
         reasons.append("hits_before_full=false")
     return reasons

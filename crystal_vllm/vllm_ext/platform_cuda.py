@@ -19,12 +19,12 @@ from __future__ import annotations
 import os
 
 from vllm.config import CompilationMode, CUDAGraphMode
-from vllm.logger import init_logger
 from vllm.platforms.cuda import CudaPlatform
 
+from crystal_vllm.vllm_ext import get_logger
 from crystal_vllm.vllm_ext.platform import BACKEND_CLS, CrystalPlatformMixin
 
-logger = init_logger(__name__)
+logger = get_logger(__name__)
 
 CUDA_WORKER_CLS = "crystal_vllm.vllm_ext.model_runner_cuda.CrystalGPUWorker"
 CUDA_BACKEND_CLS = "crystal_vllm.vllm_ext.backend_cuda.CrystalCudaAttentionBackend"

@@ -22,17 +22,17 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from crystal_vllm.budget import BudgetRule, requested_budget
 from crystal_vllm.cache import HeadBlockLayout
 from crystal_vllm.config import CrystalKVConfig
 from crystal_vllm.runtime import CompressedKVCache, StepRequest
+from crystal_vllm.vllm_ext import get_logger
 from crystal_vllm.vllm_ext.backend import CrystalAttentionMetadataBuilder
 from crystal_vllm.vllm_ext.kv_spec import CrystalAttentionSpec
 
-logger = init_logger(__name__)
+logger = get_logger(__name__)
 
 #: Seconds between two log lines with the cache counters (like vLLM's own stats line).
 STATS_LOG_INTERVAL_S = 10.0
@@ -140,6 +140,7 @@ class CrystalRunnerMixin:
                 req_id=req_id,
                 num_new_tokens=scheduler_output.num_scheduled_tokens[req_id],
                 num_computed_tokens=int(batch.num_computed_tokens_cpu[i]),
+                num_prompt_tokens=self.requests[req_id].num_prompt_tokens,
                 block_ids=self.requests[req_id].block_ids[0],
                 budget=self._request_budget(req_id),
             )
@@ -176,12 +177,16 @@ class CrystalRunnerMixin:
         summary = self.crystal_cache.summary()
         logger.info(
             "crystal-vllm: %d running, %d evictions, %d budget reallocations, %d head-blocks "
-            "in use; mean kept entries per (layer, KV head) by layer: %s",
+            "in use; mean kept entries per (layer, KV head) by layer: %s; peak entries per "
+            "(layer, KV head): mean %.2f over %d released requests, max %.1f",
             summary.requests,
             summary.total_evictions,
             summary.reallocations,
             summary.head_blocks_in_use,
             summary.kept_per_layer,
+            summary.mean_peak_entries,
+            summary.released_requests,
+            summary.max_peak_entries,
         )
 
     def crystal_kv_summary(self) -> dict[str, object] | None:

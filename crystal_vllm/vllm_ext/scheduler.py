@@ -30,22 +30,22 @@ class CrystalScheduler(Scheduler):
             for manager in self.kv_cache_manager.coordinator.single_type_managers
             if isinstance(manager, CrystalKVCacheManager)
         ]
-        self._requested: dict[str, int] = {}
+        self._requested: dict[str, tuple[int, int]] = {}  # (kv_budget, prompt tokens)
         self._think_ended: set[str] = set()
 
     def _set_cap(self, request_id: str) -> None:
         rule = self.crystal_budgets
-        budget = rule.budget(
-            self._requested[request_id], think_ended=request_id in self._think_ended
-        )
-        cap = rule.cap_blocks(budget)
+        requested, prompt_len = self._requested[request_id]
+        budget = rule.budget(requested, think_ended=request_id in self._think_ended)
+        cap = rule.cap_blocks(budget, prompt_len)
         for manager in self.crystal_managers:
             manager.set_request_cap(request_id, cap)
 
     def add_request(self, request) -> None:
         config = self.crystal_budgets.config
-        self._requested[request.request_id] = requested_budget(
-            request.sampling_params.extra_args, config
+        self._requested[request.request_id] = (
+            requested_budget(request.sampling_params.extra_args, config),
+            request.num_prompt_tokens,
         )
         self._set_cap(request.request_id)
         super().add_request(request)

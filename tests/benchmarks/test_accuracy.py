@@ -237,6 +237,9 @@ def test_smoke_serves_tiny_model_and_resumes(tmp_path: Path, capsys) -> None:
         "--cases",
         "crystal:16",
         "crystal:8",
+        # The prompt counts in the budget, so these tiny budgets must evict.
+        "--policy-config",
+        '{"crystal": {"prompt": "evict"}}',
         "--run-dir",
         str(tmp_path / "runs"),
         "--log-dir",

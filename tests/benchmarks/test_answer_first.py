@@ -64,9 +64,12 @@ def test_labels_find_the_attended_think_tokens() -> None:
 
 
 def _replay(name: str, budget: int, layers: int = 1, **params: object) -> af.ReplayMetrics:
+    """The replay of ``name`` with the prompt counted in the budget unless ``params`` say
+    otherwise (``prompt`` ``evict``: these scenarios size budgets against prompt + think)."""
     trace = synthetic_trace(layers)
     labels = af.label_think_tokens(trace, THINK, num_kv_heads=1)
-    (metrics,) = af.replay_policy(make_policy(name, params), trace, THINK, labels, [budget])
+    policy = make_policy(name, {"prompt": "evict", **params})
+    (metrics,) = af.replay_policy(policy, trace, THINK, labels, [budget])
     return metrics
 
 
@@ -99,14 +102,22 @@ def test_replay_metrics_are_bounded(name: str) -> None:
     assert m.held_per_head <= make_policy(name).max_resident(10)
 
 
+def test_replay_keeps_the_prompt_on_top_of_the_budget() -> None:
+    """``prompt`` ``keep`` (the default): the prompt is held whole, the think stage gets
+    the budget."""
+    kept = _replay("crystal-lite", 8, prompt="keep")
+    assert kept.held_per_head == PROMPT + 8
+    assert _replay("crystal-lite", 8).held_per_head == 8
+
+
 def test_replay_crystal_moves_budget_between_layers() -> None:
     """Algorithm 2 runs during the replay: the total is kept, the split becomes uneven."""
     trace = synthetic_trace(layers=2)
     labels = af.label_think_tokens(trace, THINK, num_kv_heads=1)
-    policy = make_policy("crystal", {"realloc_interval": 4, "min_tokens": 0, "floor_ratio": 0.0})
-    (adaptive,) = af.replay_policy(policy, trace, THINK, labels, [8])
+    params = {"realloc_interval": 4, "min_tokens": 0, "floor_ratio": 0.0, "prompt": "evict"}
+    (adaptive,) = af.replay_policy(make_policy("crystal", params), trace, THINK, labels, [8])
     assert adaptive.held_per_head == 8  # mean over the two layers: the total is unchanged
-    lite = make_policy("crystal-lite")
+    lite = make_policy("crystal-lite", {"prompt": "evict"})
     (uniform,) = af.replay_policy(lite, trace, THINK, labels, [8])
     assert adaptive.think_kept != uniform.think_kept
 

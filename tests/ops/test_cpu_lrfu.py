@@ -40,7 +40,7 @@ def _torch_reference(monkeypatch: pytest.MonkeyPatch) -> None:
 class Scenario:
     """Random tables over a pool and a driver that schedules decode steps."""
 
-    def __init__(self, policy, h, g, d, max_blocks, dtype, seed, same_keys=False):
+    def __init__(self, policy, h, g, d, max_blocks, dtype, seed, same_keys=False, prompt=0):
         self.gen = torch.Generator().manual_seed(seed)
         self.policy, self.h, self.g, self.d = policy, h, g, d
         self.same_keys = same_keys
@@ -53,6 +53,12 @@ class Scenario:
         self.pool = torch.randn(R * L * h * max_blocks, 2, BS, d, generator=self.gen).to(dtype)
         self.state = policy.init_state(R, L, h, self.num_slots)
         self.next_position = torch.zeros(R, dtype=torch.long)
+        if prompt:  # prompt entries in the lowest slots of every head (a prefill)
+            new = torch.zeros(R, L, h, self.num_slots, dtype=torch.bool)
+            new[..., :prompt] = True
+            positions = torch.arange(self.num_slots).expand(R, L, h, -1)
+            policy.insert(self.state, torch.arange(R), new, positions, prefill=True)
+            self.next_position += prompt
 
     def capacity(self, rows, layer):
         return (self.tables[rows, layer] >= 0).sum(-1) * BS  # [b, H]
@@ -111,9 +117,11 @@ def _check_same(policy, ref, got, rows, layer, ref_evicted, got_evicted) -> int:
     return swaps
 
 
-def _run(policy_name, params, h, g, d, dtype, seed, steps=24, same_keys=False):
+def _run(policy_name, params, h, g, d, dtype, seed, steps=24, same_keys=False, prompt=0):
     policy = make_policy(policy_name, params)
-    sc = Scenario(policy, h, g, d, max_blocks=4, dtype=dtype, seed=seed, same_keys=same_keys)
+    sc = Scenario(
+        policy, h, g, d, max_blocks=4, dtype=dtype, seed=seed, same_keys=same_keys, prompt=prompt
+    )
     got_state = sc.clone_state()
     got_pool = sc.pool.clone()
     swaps = evictions = 0
@@ -168,6 +176,12 @@ def test_parameters_match_reference(params):
     assert _run("crystal-lite", params, 2, 2, 16, torch.float32, seed=7) <= 2
 
 
+@pytest.mark.parametrize("mode", ["keep", "evict"])
+def test_prompt_entries_match_reference(mode):
+    """Prompt entries (held from the start) are protected or ordinary, as the mode says."""
+    assert _run("crystal-lite", {"prompt": mode}, 2, 2, 16, torch.float32, seed=5, prompt=3) <= 2
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_pools_match_reference(dtype):
     assert _run("crystal-lite", {}, 2, 2, 32, dtype, seed=3) <= 2
@@ -183,12 +197,12 @@ def test_exact_ties_follow_the_tie_rules():
 
 
 def test_unserved_configurations_run_the_generic_step(monkeypatch):
-    """The kernels implement neither prompt protection nor hits-once-full: such policies
-    run the generic step, and the kernel refuses pools it does not take."""
+    """The kernels do not implement hits-once-full: such policies run the generic step,
+    and the kernel refuses pools it does not take."""
     monkeypatch.setenv("CRYSTAL_VLLM_OPS", "cpu")
-    assert make_policy("crystal-lite", {"protect_prompt": True}).kernel_params() is None
     assert make_policy("crystal-lite", {"hits_before_full": False}).kernel_params() is None
-    assert make_policy("crystal-lite").kernel_params() is not None
+    assert make_policy("crystal-lite", {"prompt": "keep"}).kernel_params()["protect_prompt"]
+    assert not make_policy("crystal-lite", {"prompt": "evict"}).kernel_params()["protect_prompt"]
     sc = Scenario(make_policy("crystal-lite"), 1, 1, 16, max_blocks=2, dtype=torch.float32, seed=0)
     assert ops.fused_lrfu_decode(sc.pool) is cpu.lrfu_decode
     strided = sc.pool.transpose(2, 3)
@@ -208,7 +222,7 @@ def test_unserved_configurations_run_the_generic_step(monkeypatch):
         0.25,
     )
     with pytest.raises(ValueError, match="C\\+\\+ kernel takes a CPU pool"):
-        cpu.lrfu_decode(step, sc.state, lam=0.5, top_p=0.9, gqa_max=False)
+        cpu.lrfu_decode(step, sc.state, lam=0.5, top_p=0.9, gqa_max=False, protect_prompt=False)
 
 
 def test_bad_rows_are_rejected_before_any_write():

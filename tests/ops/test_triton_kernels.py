@@ -173,6 +173,7 @@ def test_kernels_compile_for_cuda_without_spilling(monkeypatch: pytest.MonkeyPat
         lam=0.6,
         top_p=0.9,
         gqa_max=False,
+        protect_prompt=True,  # the default prompt mode, keep
         errors=errors,
     )
     assert set(compiled) == {"_partial_kernel", "_combine_kernel", "_write_kernel", "_lrfu_kernel"}
@@ -588,10 +589,11 @@ class _Scenario:
 
 
 def _run(policy_name, params, *, h, g, d, dtype, seed, steps, **kwargs) -> int:
+    """``params`` over prompt mode ``evict``: the scenario's prefilled entries stand for a
+    prompt already evicted down to its budget, and they are evictable."""
     layers = kwargs.pop("layers", 1)
-    scenario = _Scenario(
-        make_policy(policy_name, params), h, g, d, dtype=dtype, seed=seed, **kwargs
-    )
+    policy = make_policy(policy_name, {"prompt": "evict", **params})
+    scenario = _Scenario(policy, h, g, d, dtype=dtype, seed=seed, **kwargs)
     evictions = swaps = 0
     for _ in range(steps):
         e, s = scenario.step(layers)
@@ -628,6 +630,26 @@ class TestLRFUDecodeLayer:
             policy_name, params, h=h, g=g, d=d, dtype=dtype, seed=seed, steps=6, max_blocks=5
         )
         assert swaps <= 1  # near-ties are rare on continuous random inputs
+
+    def test_kept_prompt_entries_are_protected(self, split_size) -> None:
+        """``prompt`` ``keep``: the prefilled entries are attended, never counted nor
+        evicted (the kernel's PROTECT_PROMPT path against the generic step)."""
+        split_size(16)
+        params = {"prompt": "keep"}
+        assert (
+            _run(
+                "crystal-lite",
+                params,
+                h=2,
+                g=2,
+                d=64,
+                dtype=torch.float32,
+                seed=21,
+                steps=16,
+                max_blocks=3,
+            )
+            <= 1
+        )
 
     def test_two_layers_and_long_heads(self, split_size) -> None:
         """Layers are independent slices of one state; a head longer than a split."""

@@ -63,6 +63,7 @@ class Sim:
     #: After the last decode: valid slots and entries born in the step, before selection.
     last_valid: torch.Tensor | None = field(init=False, default=None)
     last_born_now: torch.Tensor | None = field(init=False, default=None)
+    last_prompt: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         r, n_layers, n_heads = self.budgets.shape
@@ -143,6 +144,7 @@ class Sim:
         self.next_pos[rows] += 1
         self._observe(rows)
         self.last_valid = self.state.valid[rows].clone()
+        self.last_prompt = self.state.prompt[rows].clone()
         self.last_born_now = new
         evict = self._select_and_remove(rows)
         self.log.append(("decode", evict))

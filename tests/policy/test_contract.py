@@ -8,13 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from policy_sim import SMALL_PARAMS, Sim
 
-from crystal_vllm.policy import POLICY_NAMES, UNBOUNDED, make_policy
+from crystal_vllm.policy import POLICY_NAMES, PROMPT_MODES, UNBOUNDED, make_policy
 
 ROWS = torch.tensor([2, 0, 1])
 
 
-def _make(name: str):
-    return make_policy(name, SMALL_PARAMS.get(name))
+def _make(name: str, mode: str = "keep"):
+    return make_policy(name, {**SMALL_PARAMS.get(name, {}), "prompt": mode})
 
 
 def _budgets(seed: int, rows: int = 3, layers: int = 2, heads: int = 2) -> torch.Tensor:
@@ -22,10 +22,12 @@ def _budgets(seed: int, rows: int = 3, layers: int = 2, heads: int = 2) -> torch
     return torch.randint(1, 6, (rows, layers, heads), generator=g)
 
 
-def _run(name: str, seed: int, *, steps: int = 12, layerwise: bool = False, rows=ROWS) -> Sim:
-    policy = _make(name)
+def _run(
+    name: str, seed: int, *, steps: int = 12, layerwise: bool = False, rows=ROWS, mode="keep"
+) -> Sim:
+    policy = _make(name, mode)
     budgets = _budgets(seed)
-    slots = 12 if policy.max_resident(1) == UNBOUNDED else policy.max_resident(5) + 1
+    slots = 12 if policy.max_resident(1) == UNBOUNDED else policy.max_resident(5) + 8
     slots = max(slots, 8 + steps) if name == "full" else slots
     sim = Sim(policy, budgets, slots, seed=seed, layerwise=layerwise)
     g = torch.Generator().manual_seed(seed + 1)
@@ -36,12 +38,14 @@ def _run(name: str, seed: int, *, steps: int = 12, layerwise: bool = False, rows
     return sim
 
 
+@pytest.mark.parametrize("mode", PROMPT_MODES)
 @pytest.mark.parametrize("name", POLICY_NAMES)
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 10_000))
-def test_budget_born_and_validity(name: str, seed: int) -> None:
-    """Evictions hit only valid, older entries; heads stay within their budget."""
-    policy = _make(name)
+def test_budget_born_and_validity(name: str, mode: str, seed: int) -> None:
+    """Evictions hit only valid, older entries, never a kept prompt entry; heads stay
+    within their budget, counting what the prompt mode counts."""
+    policy = _make(name, mode)
     budgets = _budgets(seed)[ROWS]
     sim = Sim(policy, _budgets(seed), 40, seed=seed)
     sim.prefill(ROWS, [7, 3, 5])
@@ -51,8 +55,10 @@ def test_budget_born_and_validity(name: str, seed: int) -> None:
         assert not (evict & ~sim.last_valid).any(), "evicted an empty slot"
         assert not (evict & sim.last_born_now).any(), "evicted an entry born this step"
         evicted_any |= bool(evict.any())
-        held = sim.last_valid.sum(-1)
-        count = sim.state.valid[ROWS].sum(-1)
+        protected = sim.last_prompt if policy.keeps_prompt else torch.zeros_like(evict)
+        assert not (evict & protected).any(), "evicted a kept prompt entry"
+        held = (sim.last_valid & ~protected).sum(-1)
+        count = policy.counted(sim.state, ROWS).sum(-1)
         if name == "full":
             assert not evict.any()
         elif name in ("snapkv", "rkv"):
@@ -69,33 +75,36 @@ def test_budget_born_and_validity(name: str, seed: int) -> None:
     assert evicted_any or name == "full"
 
 
+@pytest.mark.parametrize("mode", PROMPT_MODES)
 @pytest.mark.parametrize("name", [n for n in POLICY_NAMES if n not in ("snapkv", "rkv")])
 @settings(max_examples=3, deadline=None)
 @given(seed=st.integers(0, 10_000))
-def test_one_in_one_out_holds_exactly_budget(name: str, seed: int) -> None:
-    """Every-step policies keep exactly min(budget, entries) after each select."""
-    sim = _run(name, seed)
-    count = sim.state.valid[ROWS].sum(-1)
+def test_one_in_one_out_holds_exactly_budget(name: str, mode: str, seed: int) -> None:
+    """Every-step policies keep exactly min(budget, entries) counted entries after each
+    select (the kept prompt comes on top)."""
+    sim = _run(name, seed, mode=mode)
+    count = sim.policy.counted(sim.state, ROWS).sum(-1)
     if name == "full":
-        assert (count == sim.next_pos[ROWS].view(-1, 1, 1)).all()
+        assert (sim.state.valid[ROWS].sum(-1) == sim.next_pos[ROWS].view(-1, 1, 1)).all()
     else:
         assert (count == sim.budgets[ROWS]).all()
 
 
+@pytest.mark.parametrize("mode", PROMPT_MODES)
 @pytest.mark.parametrize("name", ["snapkv", "rkv"])
 @settings(max_examples=3, deadline=None)
 @given(seed=st.integers(0, 10_000))
-def test_cadence_compresses_to_budget(name: str, seed: int) -> None:
+def test_cadence_compresses_to_budget(name: str, mode: str, seed: int) -> None:
     """Cadence policies evict only at budget + buffer, then down to the budget."""
-    sim = _run(name, seed, steps=0)
+    sim = _run(name, seed, steps=0, mode=mode)
     buffer = sim.policy.config.buffer
     for _ in range(10):
-        before = sim.state.valid[ROWS].sum(-1) + 1
+        before = sim.policy.counted(sim.state, ROWS).sum(-1) + 1
         evict = sim.decode(ROWS)
         n = evict.sum(-1)
         due = before >= sim.budgets[ROWS] + buffer
         assert (n[~due] == 0).all()
-        after = sim.state.valid[ROWS].sum(-1)
+        after = sim.policy.counted(sim.state, ROWS).sum(-1)
         assert (after[due] == sim.budgets[ROWS][due]).all()
 
 

@@ -17,7 +17,7 @@ def _drive(lam: float, seed: int, steps: int, budget: int | None = None):
 
     A hit set H is produced exactly by uniform attention on H (top_p just below 1).
     """
-    policy = make_policy("crystal-lite", {"lam": lam, "top_p": 0.999})
+    policy = make_policy("crystal-lite", {"lam": lam, "top_p": 0.999, "prompt": "evict"})
     state = policy.init_state(1, 1, 1, SLOTS)
     rows = torch.tensor([0])
     g = torch.Generator().manual_seed(seed)
@@ -122,8 +122,8 @@ def test_utilisation_is_decayed_crf_sum() -> None:
     assert policy.head_utilisation(state, rows).item() == pytest.approx(want, rel=1e-5)
 
 
-def test_protect_prompt_neither_evicts_nor_counts_prompt() -> None:
-    policy = make_policy("crystal", {"protect_prompt": True})
+def test_kept_prompt_is_neither_evicted_nor_counted() -> None:
+    policy = make_policy("crystal", {"prompt": "keep"})
     state = policy.init_state(1, 1, 1, 8)
     rows = torch.tensor([0])
     prompt = torch.tensor([[[[True] * 4 + [False] * 4]]])
@@ -136,7 +136,7 @@ def test_protect_prompt_neither_evicts_nor_counts_prompt() -> None:
     policy.begin_step(state, rows)
     evict = policy.select_evictions(state, rows, torch.tensor([[[2]]]))
     assert evict[0, 0, 0].tolist() == [False] * 4 + [True, True, False, False]
-    unprotected = make_policy("crystal")
+    unprotected = make_policy("crystal", {"prompt": "evict"})
     assert unprotected.select_evictions(state, rows, torch.tensor([[[2]]]))[0, 0, 0, :4].all()
 
 

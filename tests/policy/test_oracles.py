@@ -60,8 +60,12 @@ class Head:
 
     # -- selection
     def _counted(self) -> list[int]:
-        protect = self.params.get("protect_prompt", False)
+        protect = self.params.get("prompt", "compress") != "evict"
         return [s for s, e in self.entries.items() if not (protect and e["prompt"])]
+
+    def _visible(self) -> dict[int, dict]:
+        """The entries the policy chooses among: protected prompt entries are hidden."""
+        return {s: self.entries[s] for s in self._counted()}
 
     def select(self, budget: int, t: int) -> set[int] | None:
         """Victims, or None when the decision hinges on a float near-tie (rkv only)."""
@@ -82,7 +86,7 @@ class Head:
         return set(order[:excess])
 
     def _key(self, budget: int, t: int):
-        e = self.entries
+        e = self._visible()
         if self.policy in ("crystal", "crystal-lite", "lru"):
             lam = Fraction(self.params.get("lam", 0.0 if self.policy == "lru" else 0.6))
 
@@ -114,7 +118,7 @@ class Head:
         return lambda s: (1, 0.0, e[s]["pos"]) if s in window else (0, score[s], e[s]["pos"])
 
     def _redundancy(self) -> dict[int, float]:
-        e = self.entries
+        e = self._visible()
         thr = self.params.get("similarity_threshold", 0.5)
         slots = list(e)
 
@@ -205,7 +209,7 @@ def run_lockstep(name: str, params: dict, seed: int, steps: int = 14) -> int:
 CASES = [
     ("crystal", {"lam": 0.5, "top_p": 0.75, "obs_window": 2}),
     ("crystal", {"lam": 1.0, "top_p": 0.5, "obs_window": 3}),
-    ("crystal", {"lam": 0.5, "top_p": 0.75, "protect_prompt": True, "obs_window": 1}),
+    ("crystal", {"lam": 0.5, "top_p": 0.75, "prompt": "evict", "obs_window": 1}),
     ("crystal", {"lam": 0.5, "top_p": 0.75, "hits_before_full": False, "obs_window": 2}),
     ("crystal-lite", {"lam": 0.25, "top_p": 0.875, "obs_window": 2}),
     ("lru", {"top_p": 0.5, "obs_window": 2}),
@@ -216,6 +220,12 @@ CASES = [
     ("snapkv", {"buffer": 2, "window": 3, "kernel": 1}),
     ("rkv", {"buffer": 3, "window": 2, "kernel": 3}),
     ("rkv", {"buffer": 2, "window": 2, "kernel": 5, "importance_weight": 0.5}),
+]
+# The default prompt mode (compress) protects the prompt; every policy also runs with evict.
+CASES += [
+    (name, {**params, "prompt": "evict"})
+    for name, params in CASES
+    if "prompt" not in params and name != "crystal"
 ]
 
 

@@ -23,7 +23,8 @@ def test_every_name_builds_with_defaults() -> None:
 def test_defaults_match_the_spec() -> None:
     c = make_policy("crystal").config
     assert (c.top_p, c.lam, c.gqa_reduce, c.realloc_interval) == (0.9, 0.6, "mean", 64)
-    assert (c.floor_ratio, c.min_tokens, c.obs_window, c.protect_prompt) == (0.2, 16, 8, False)
+    assert (c.floor_ratio, c.min_tokens, c.obs_window, c.prompt) == (0.2, 16, 8, "compress")
+    assert c.prompt_budget == 256
     assert make_policy("lru").config.lam == 0.0
     assert make_policy("streaming").config.sinks == 4
     s = make_policy("snapkv").config
@@ -36,12 +37,14 @@ def test_param_names() -> None:
     assert "lam" not in policy_param_names("lru")
     assert "realloc_interval" in policy_param_names("crystal")
     assert "realloc_interval" not in policy_param_names("crystal-lite")
-    assert policy_param_names("full") == set()
+    assert policy_param_names("full") == {"prompt", "prompt_budget"}
+    assert policy_param_names("random") == {"prompt", "prompt_budget", "seed"}
 
 
 def test_string_values_are_converted() -> None:
-    c = make_policy("crystal", {"top_p": "0.5", "protect_prompt": "true", "min_tokens": "4"}).config
-    assert (c.top_p, c.protect_prompt, c.min_tokens) == (0.5, True, 4)
+    params = {"top_p": "0.5", "hits_before_full": "false", "min_tokens": "4"}
+    c = make_policy("crystal", params).config
+    assert (c.top_p, c.hits_before_full, c.min_tokens) == (0.5, False, 4)
     assert make_policy("crystal", {"lam": 1}).config.lam == 1.0
 
 
@@ -56,7 +59,9 @@ def test_string_values_are_converted() -> None:
         ("crystal", {"gqa_reduce": "sum"}, r"gqa_reduce must be one of mean, max, got 'sum'"),
         ("crystal", {"realloc_interval": 0}, r"realloc_interval must be an integer >= 1, got 0"),
         ("crystal", {"top_p": "abc"}, r"top_p must be a float, got 'abc'"),
-        ("crystal", {"protect_prompt": "maybe"}, r"protect_prompt must be a bool"),
+        ("crystal", {"hits_before_full": "maybe"}, r"hits_before_full must be a bool"),
+        ("h2o", {"prompt": "drop"}, r"prompt must be one of keep, compress, evict, got 'drop'"),
+        ("random", {"prompt_budget": 0}, r"prompt_budget must be an integer >= 1, got 0"),
         ("snapkv", {"kernel": 4}, r"kernel must be odd"),
         ("rkv", {"similarity_threshold": 2}, r"similarity_threshold must be a number in \[-1, 1\]"),
         ("streaming", {"sinks": -1}, r"sinks must be an integer >= 0, got -1"),

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -15,24 +16,33 @@ import torch
 
 from crystal_vllm import ops
 from crystal_vllm.cache import HeadBlockLayout
-from crystal_vllm.policy import POLICY_NAMES, make_policy
+from crystal_vllm.policy import POLICY_NAMES, PROMPT_MODES, make_policy
 from crystal_vllm.runtime import CompressedKVCache, StepRequest
 
 L, H, G, D, BS = 2, 2, 2, 16, 8
 SCALE = D**-0.5
 
 
-def _policy_params(policy_name: str) -> dict:
-    return {"buffer": 4} if policy_name in ("snapkv", "rkv") else {}
+#: ``compress`` keeps this many prompt entries per head (below the prompts used here).
+PROMPT_BUDGET = 8
 
 
-def _make_cache(policy_name: str, budget: int, num_blocks: int = 64):
-    policy = make_policy(policy_name, _policy_params(policy_name))
+def _policy_params(policy_name: str, prompt: str = "evict") -> dict:
+    params = {"buffer": 4} if policy_name in ("snapkv", "rkv") else {}
+    return {**params, "prompt": prompt, "prompt_budget": PROMPT_BUDGET}
+
+
+def _make_cache(
+    policy_name: str, budget: int, num_blocks: int = 64, prompt: str = "evict", max_prompt=20
+):
+    policy = make_policy(policy_name, _policy_params(policy_name, prompt))
     layout = HeadBlockLayout(
         num_blocks=num_blocks, num_layers=L, num_kv_heads=H, block_size=BS, head_dim=D
     )
     pool = torch.zeros(layout.num_head_blocks, 2, BS, D)
-    resident = policy.max_resident(budget) if policy_name != "full" else 64
+    resident = policy.max_resident(budget) + policy.prompt_kept(max_prompt)
+    if policy_name == "full":
+        resident = 64
     cap = math.ceil(min(resident, 64) / BS) + (1 if policy.adaptive_budgets else 0)
     cache = CompressedKVCache(
         policy,
@@ -55,18 +65,21 @@ def _dense_attention(q, k, v):
     return torch.einsum("hn,hnd->hd", probs, v)
 
 
+@pytest.mark.parametrize("prompt_mode", PROMPT_MODES)
 @pytest.mark.parametrize("policy_name", POLICY_NAMES)
-def test_decode_matches_dense_attention_over_kept_entries(policy_name: str) -> None:
+def test_decode_matches_dense_attention_over_kept_entries(
+    policy_name: str, prompt_mode: str
+) -> None:
     torch.manual_seed(0)
     budget = 12
-    cache, cap = _make_cache(policy_name, budget)
+    cache, cap = _make_cache(policy_name, budget, prompt=prompt_mode)
     prompts = {"a": 5, "b": 20}  # one below, one above the budget
     history_k = {r: torch.randn(n, L, H, D) for r, n in prompts.items()}
     history_v = {r: torch.randn(n, L, H, D) for r, n in prompts.items()}
     blocks = {"a": list(range(1, 1 + cap)), "b": list(range(20, 20 + cap))}
 
     # Prefill both requests in one step.
-    batch = [StepRequest(r, n, 0, blocks[r], budget) for r, n in prompts.items()]
+    batch = [StepRequest(r, n, 0, n, blocks[r], budget) for r, n in prompts.items()]
     cache.begin_step(batch)
     for layer in range(L):
         q = torch.randn(sum(prompts.values()), H * G, D)
@@ -76,7 +89,10 @@ def test_decode_matches_dense_attention_over_kept_entries(policy_name: str) -> N
     cache.end_step()
 
     for _ in range(30):
-        batch = [StepRequest(r, 1, history_k[r].shape[0], blocks[r], budget) for r in prompts]
+        batch = [
+            StepRequest(r, 1, history_k[r].shape[0], n, blocks[r], budget)
+            for r, n in prompts.items()
+        ]
         new_k = {r: torch.randn(1, L, H, D) for r in prompts}
         new_v = {r: torch.randn(1, L, H, D) for r in prompts}
         for r in prompts:
@@ -99,24 +115,33 @@ def test_decode_matches_dense_attention_over_kept_entries(policy_name: str) -> N
             v = torch.cat([new_v[r][:, layer] for r in prompts])
             out = cache.attention(layer, q, k, v)
             for i, r in enumerate(prompts):
-                ks = torch.stack(
-                    [history_k[r][held[r][h], layer, h] for h in range(H)]
-                )  # [H, n, D] (equal n across heads for these uniform-budget runs)
-                vs = torch.stack([history_v[r][held[r][h], layer, h] for h in range(H)])
-                expected = _dense_attention(q[i], ks, vs)
+                expected = torch.cat(
+                    [
+                        _dense_attention(
+                            q[i, h * G : (h + 1) * G],
+                            history_k[r][held[r][h], layer, h][None],
+                            history_v[r][held[r][h], layer, h][None],
+                        )
+                        for h in range(H)
+                    ]
+                )
                 torch.testing.assert_close(out[i].double(), expected, rtol=1e-5, atol=1e-5)
         cache.end_step()
-        for r in prompts:
+        for r, n in prompts.items():
             held_now = cache.held_entries(r)
-            bound = cache.policy.max_resident(budget)
+            bound = cache.policy.max_resident(budget) + cache.policy.prompt_kept(n)
             assert int(held_now.max()) <= bound
+            if prompt_mode == "keep":  # the whole prompt is still there, in every head
+                for layer in range(L):
+                    for h in range(H):
+                        assert set(range(n)) <= set(cache.kept_positions(r, layer, h))
     if policy_name != "full":
         assert cache.stats.evictions + cache.stats.prefill_evictions > 0
 
 
 def test_release_returns_every_head_block() -> None:
     cache, cap = _make_cache("crystal-lite", 12)
-    cache.begin_step([StepRequest("a", 20, 0, list(range(1, 1 + cap)), 12)])
+    cache.begin_step([StepRequest("a", 20, 0, 20, list(range(1, 1 + cap)), 12)])
     for layer in range(L):
         cache.attention(
             layer, torch.randn(20, H * G, D), torch.randn(20, H, D), torch.randn(20, H, D)
@@ -133,7 +158,7 @@ def test_a_grown_budget_stops_eviction_until_the_new_bound() -> None:
     torch.manual_seed(1)
     cache, _ = _make_cache("crystal-lite", 12, num_blocks=64)
     blocks = list(range(1, 9))  # room for the grown budget
-    cache.begin_step([StepRequest("a", 20, 0, blocks[:2], 12)])
+    cache.begin_step([StepRequest("a", 20, 0, 20, blocks[:2], 12)])
     for layer in range(L):
         cache.attention(
             layer, torch.randn(20, H * G, D), torch.randn(20, H, D), torch.randn(20, H, D)
@@ -142,7 +167,7 @@ def test_a_grown_budget_stops_eviction_until_the_new_bound() -> None:
     assert int(cache.held_entries("a").max()) == 12
     evictions = cache.stats.evictions
     for step in range(3):
-        cache.begin_step([StepRequest("a", 1, 20 + step, blocks[:2], 14)])
+        cache.begin_step([StepRequest("a", 1, 20 + step, 20, blocks[:2], 14)])
         for layer in range(L):
             cache.attention(
                 layer, torch.randn(1, H * G, D), torch.randn(1, H, D), torch.randn(1, H, D)
@@ -156,8 +181,8 @@ def test_a_grown_budget_stops_eviction_until_the_new_bound() -> None:
 class _PositionReplay:
     """One layer of one request replayed by the policy library, slot = position."""
 
-    def __init__(self, policy_name: str, budget: int, total: int) -> None:
-        self.policy = make_policy(policy_name, _policy_params(policy_name))
+    def __init__(self, policy_name: str, prompt: str, budget: int, total: int) -> None:
+        self.policy = make_policy(policy_name, _policy_params(policy_name, prompt))
         self.state = self.policy.init_state(1, 1, H, total, "cpu")
         self.row = torch.zeros(1, dtype=torch.long)
         self.budgets = torch.full((1, 1, H), budget, dtype=torch.long)
@@ -173,12 +198,14 @@ class _PositionReplay:
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).masked_fill(~mask, 0)
         return probs.float()[None, None]
 
-    def _select(self, keys: torch.Tensor) -> None:
+    def _select(self, keys: torch.Tensor, state=None, budgets=None) -> None:
         full_keys = None
         if self.policy.needs_keys:
             full_keys = torch.zeros(1, 1, H, self.total, D)
             full_keys[0, 0, :, : keys.shape[0]] = keys.transpose(0, 1).float()
-        evict = self.policy.select_evictions(self.state, self.row, self.budgets, keys=full_keys)
+        state = self.state if state is None else state
+        budgets = self.budgets if budgets is None else budgets
+        evict = self.policy.select_evictions(state, self.row, budgets, keys=full_keys)
         self.policy.remove(self.state, self.row, evict)
 
     def prefill(self, queries: torch.Tensor, keys: torch.Tensor) -> None:
@@ -196,6 +223,11 @@ class _PositionReplay:
                 self.policy.observe(
                     self.state, self.row, self._probs(queries[query_pos], keys, visible)
                 )
+        if self.policy.config.prompt == "compress":  # the prompt alone, as ordinary entries
+            prompt_only = dataclasses.replace(
+                self.state, prompt=torch.zeros_like(self.state.prompt)
+            )
+            self._select(keys, prompt_only, torch.full_like(self.budgets, PROMPT_BUDGET))
         self._select(keys)
 
     def decode(self, query: torch.Tensor, keys: torch.Tensor) -> None:
@@ -213,29 +245,30 @@ class _PositionReplay:
         return torch.nonzero(self.state.valid[0, 0, head]).flatten().tolist()
 
 
+@pytest.mark.parametrize("prompt_mode", PROMPT_MODES)
 @pytest.mark.parametrize(
     ("policy_name", "ops_impl"),
-    # LRFU policies run the fused decode op: both its C++ kernel (auto) and its reference.
+    # LRFU policies run the fused decode op: both its C++ kernel (auto) and the generic step.
     [(p, "auto") for p in POLICY_NAMES if p != "crystal"]
     + [("crystal-lite", "torch"), ("lru", "torch")],
 )
 def test_kept_entries_are_the_policy_librarys_choice(
-    policy_name: str, ops_impl: str, monkeypatch: pytest.MonkeyPatch
+    policy_name: str, ops_impl: str, prompt_mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # `crystal` is left out: Algorithm 2 only runs every realloc_interval (64) steps, so
     # over these 40 steps it is crystal-lite, which is covered.
     monkeypatch.setenv(ops.ENV_VAR, ops_impl)
     torch.manual_seed(2)
     budget, prompt, steps = 12, 20, 40
-    cache, cap = _make_cache(policy_name, budget)
+    cache, cap = _make_cache(policy_name, budget, prompt=prompt_mode)
     blocks = list(range(1, 1 + cap))
     total = prompt + steps
     keys = torch.randn(total, L, H, D)
     values = torch.randn(total, L, H, D)
     queries = torch.randn(total, L, H * G, D)
-    replays = [_PositionReplay(policy_name, budget, total) for _ in range(L)]
+    replays = [_PositionReplay(policy_name, prompt_mode, budget, total) for _ in range(L)]
 
-    cache.begin_step([StepRequest("r", prompt, 0, blocks, budget)])
+    cache.begin_step([StepRequest("r", prompt, 0, prompt, blocks, budget)])
     for layer in range(L):
         cache.attention(
             layer, queries[:prompt, layer], keys[:prompt, layer], values[:prompt, layer]
@@ -247,7 +280,7 @@ def test_kept_entries_are_the_policy_librarys_choice(
             assert cache.kept_positions("r", layer, head) == replays[layer].kept(head)
 
     for pos in range(prompt, total):
-        cache.begin_step([StepRequest("r", 1, pos, blocks, budget)])
+        cache.begin_step([StepRequest("r", 1, pos, prompt, blocks, budget)])
         for layer in range(L):
             t = slice(pos, pos + 1)
             cache.attention(layer, queries[t, layer], keys[t, layer], values[t, layer])

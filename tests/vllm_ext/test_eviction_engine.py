@@ -22,11 +22,25 @@ def test_budget_above_every_sequence_is_token_identical_to_none(
     assert result["tokens"] == vanilla_tokens
 
 
-@pytest.mark.parametrize("policy", ["crystal", "crystal-lite", "streaming", "snapkv", "rkv"])
+@pytest.mark.parametrize(
+    ("policy", "prompt"),
+    [
+        ("crystal", "keep"),
+        ("crystal", "compress"),
+        ("crystal", "evict"),
+        ("crystal-lite", "keep"),
+        ("streaming", "keep"),
+        ("snapkv", "keep"),
+        ("rkv", "evict"),
+        ("random", "keep"),
+    ],
+)
 def test_small_budget_evicts_and_keeps_the_invariants(
-    tiny_model_fp32, policy, offline_generate
+    tiny_model_fp32, policy, prompt, offline_generate
 ) -> None:
-    config = {"kv_policy": policy, "kv_budget": 16, "kv_policy_config": {"debug_checks": True}}
+    # debug_checks also bound the kept prompt entries by the prompt mode.
+    policy_config = {"debug_checks": True, "prompt": prompt, "prompt_budget": 8}
+    config = {"kv_policy": policy, "kv_budget": 16, "kv_policy_config": policy_config}
     if policy in ("snapkv", "rkv"):
         config["kv_policy_config"]["buffer"] = 8
     result = offline_generate(tiny_model_fp32, config, "--block-size", "32", "--max-tokens", "64")

@@ -105,7 +105,6 @@ def test_bad_values_refuse_to_build_the_engine_config(tiny_model, additional, me
     [
         ({"kv_cache_dtype": "fp8"}, {}, "quantised KV cache"),
         ({"pipeline_parallel_size": 2}, {}, "pipeline parallelism"),
-        ({}, {"protect_prompt": True}, "protect_prompt=true"),
         ({}, {"hits_before_full": False}, "hits_before_full=false"),
     ],
 )
