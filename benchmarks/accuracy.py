@@ -144,9 +144,13 @@ def run_totals(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Wall time and evictions summed over every invocation that added to a case (NaN /
     None when none measured them), so a resumed case still reports its whole cost."""
     counts = [r["evictions"] for r in runs if r.get("evictions") is not None]
+    peaks = [(r["peak_entries"], r["problems"]) for r in runs if r.get("peak_entries") is not None]
+    weight = sum(n for _, n in peaks)
     return {
         "wall_s": sum(r["wall_s"] for r in runs) if runs else math.nan,
         "evictions": sum(counts) if counts else None,
+        # Mean over the case's requests of their peak KV entries per (layer, KV head).
+        "peak_entries": sum(p * n for p, n in peaks) / weight if weight else None,
     }
 
 
@@ -301,6 +305,7 @@ def report(
         ("truncated", "truncated"),
         ("wall s", "wall_s"),
         ("evictions (server log)", "evictions"),
+        ("peak KV entries per head", "peak_entries"),
     ]
     table = record_table(rows, columns)
     lines = [
@@ -315,7 +320,10 @@ def report(
         "- truncated: finish reason `length` (hit max tokens); evictions: KV entries (summed "
         "over layers and KV heads) the server's policy evicted while decoding the case "
         "(its stats log line; n/a when not logged); wall s: summed over the invocations "
-        "that ran the case's problems (a resumed case adds up)",
+        "that ran the case's problems (a resumed case adds up); peak KV entries per head: "
+        "the mean over the case's requests of the most KV entries one (layer, KV head) "
+        "held at once (prompt, generated and buffered entries, the step's new token "
+        "included), from the server's stats line: compare policies at equal peak",
         *pol.policy_notes([(r["series"], r["policy"]) for r in rows], args.policy_config),
         "",
         table,
@@ -359,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
             model_name = args.model_name or client.models.list().data[0].id
             slug = slug or _model_slug(model_name)
             counted = 0  # the server's evictions so far
+            last: srv.CacheStats | None = None  # the stats line after the previous case
             for case in cases:
                 logs.setdefault(case, open_log(case, slug))
                 start = time.perf_counter()
@@ -372,6 +381,8 @@ def main(argv: list[str] | None = None) -> None:
                     if logged:
                         now = logged[-1].evictions
                         run["evictions"], counted = now - counted, now
+                        run["peak_entries"] = srv.peak_entries_between(last, logged[-1])
+                        last = logged[-1]
                 logs[case].add_run(run)
         return slug
 

@@ -2,15 +2,13 @@
 
 Over HTTP the policy's counters (evictions, budget reallocations, head-blocks in use) are
 not on ``/metrics`` yet: the server's model runner logs them in one ``crystal-vllm: ...``
-line every ``STATS_LOG_INTERVAL_S`` (on a step), which is parsed here, once the server is
-given a logging configuration that shows crystal_vllm's logger. Offline engines read the
-same counters with ``LLM.collective_rpc("crystal_kv_summary")`` instead.
+line every ``STATS_LOG_INTERVAL_S`` (on a step) in vLLM's own log, which is parsed here.
+Offline engines read the same counters with ``LLM.collective_rpc("crystal_kv_summary")``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import re
 import time
@@ -73,17 +71,6 @@ def logged_cache_stats(log_path: Path) -> list[CacheStats]:
     return parse_cache_stats(Path(log_path).read_text(errors="replace"))
 
 
-def logging_config_file(path: Path) -> Path:
-    """Write vLLM's default logging configuration plus crystal_vllm's logger on the same
-    handler (vLLM only shows its own loggers); use it as ``VLLM_LOGGING_CONFIG_PATH``."""
-    from vllm.logger import DEFAULT_LOGGING_CONFIG
-
-    config = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
-    config["loggers"]["crystal_vllm"] = {"handlers": ["vllm"], "level": "INFO", "propagate": False}
-    path.write_text(json.dumps(config, indent=1))
-    return path
-
-
 def policy_flags(
     policy: str, budget: int | None, config: dict[str, Any] | None = None
 ) -> list[str]:
@@ -100,18 +87,15 @@ def policy_flags(
 def policy_server(
     model: Path, flags: Sequence[str], log_path: Path, startup_timeout: float = 900.0
 ) -> Iterator[Any]:
-    """``vllm serve MODEL FLAGS`` logging to ``log_path``, with the stats line shown.
+    """``vllm serve MODEL FLAGS`` logging to ``log_path`` (the plugin's stats line is in
+    vLLM's own log at INFO).
 
     The default start-up timeout is long: the server's processes each import vLLM, which
     took over 300 s on a 2-core machine shared with other jobs.
     """
     from crystal_vllm.serving import serve
 
-    config = logging_config_file(log_path.with_name(log_path.stem + ".logging.json"))
-    env = {"VLLM_LOGGING_CONFIG_PATH": str(config)}
-    with serve(
-        model, list(flags), env=env, log_path=log_path, startup_timeout=startup_timeout
-    ) as server:
+    with serve(model, list(flags), log_path=log_path, startup_timeout=startup_timeout) as server:
         yield server
 
 

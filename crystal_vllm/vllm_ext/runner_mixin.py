@@ -95,13 +95,24 @@ class CrystalRunnerMixin:
         )
         for builder in self._crystal_builders():
             builder.bind(self.crystal_cache, layer_index)
+        policy_config = self.crystal_budgets.policy.config
+        full_length = -(-self.model_config.max_model_len // spec.block_size)
+        usable = kv_cache_config.num_blocks - 1  # vLLM keeps one null block
         logger.info(
-            "crystal-vllm: policy %s, budget %d per (layer, KV head), at most %d blocks "
-            "(%d tokens) per request, %d layers x %d KV heads",
+            "crystal-vllm: policy %s, budget %d per (layer, KV head), prompt %s "
+            "(prompt_budget %d); a request holds at most %d blocks of %d tokens (its longest "
+            "prompt and the largest budget); %d such requests fit in %d blocks, against %d "
+            "full-length (%d-token) ones; %d layers x %d KV heads",
             self.crystal_config.policy,
             self.crystal_config.budget,
+            policy_config.prompt,
+            policy_config.prompt_budget,
             cap,
-            cap * spec.block_size,
+            spec.block_size,
+            usable // cap,
+            usable,
+            usable // full_length,
+            self.model_config.max_model_len,
             layout.num_layers,
             layout.num_kv_heads,
         )

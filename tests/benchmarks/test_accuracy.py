@@ -139,11 +139,16 @@ def test_summary_and_relative_accuracy() -> None:
 def test_run_totals_add_up_resumed_invocations() -> None:
     runs = [
         {"problems": 30, "wall_s": 100.0, "evictions": None},
-        {"problems": 70, "wall_s": 250.0, "evictions": 4000},
-        {"problems": 5, "wall_s": 10.0, "evictions": 200},
+        {"problems": 70, "wall_s": 250.0, "evictions": 4000, "peak_entries": 200.0},
+        {"problems": 5, "wall_s": 10.0, "evictions": 200, "peak_entries": 340.0},
     ]
-    assert run_totals(runs) == {"wall_s": 360.0, "evictions": 4200}
-    assert run_totals(runs[:1]) == {"wall_s": 100.0, "evictions": None}
+    # The peak is the mean over the case's requests: weighted by each run's problems.
+    assert run_totals(runs) == {
+        "wall_s": 360.0,
+        "evictions": 4200,
+        "peak_entries": pytest.approx((70 * 200.0 + 5 * 340.0) / 75),
+    }
+    assert run_totals(runs[:1]) == {"wall_s": 100.0, "evictions": None, "peak_entries": None}
     empty = run_totals([])
     assert math.isnan(empty["wall_s"]) and empty["evictions"] is None
 

@@ -30,7 +30,7 @@ from benchmarks.common.engine_runs import (
     time_weighted_mean,
 )
 from benchmarks.common.http_load import ServerGauges, server_num_blocks, timing_from_stream
-from benchmarks.common.server import CacheStats, parse_cache_stats
+from benchmarks.common.server import CacheStats, parse_cache_stats, peak_entries_between
 
 SMOLLM2 = KVGeometry(num_layers=30, num_kv_heads=3, head_dim=64, max_context=8192)
 
@@ -251,6 +251,26 @@ def test_parse_cache_stats() -> None:
     )
     assert parse_cache_stats(log) == [CacheStats(4, 120, 3, 64), CacheStats(0, 900, 7, 0)]
     assert parse_cache_stats("nothing here") == []
+
+
+def test_peak_entries_of_the_requests_released_between_two_lines() -> None:
+    """The runner logs the mean peak over all released requests; a case's own mean comes
+    from the difference of two lines."""
+    log = (
+        "crystal-vllm: 3 running, 10 evictions, 0 budget reallocations, 8 head-blocks in use; "
+        "mean kept entries per (layer, KV head) by layer: [4.0]; peak entries per (layer, KV "
+        "head): mean 100.00 over 4 released requests, max 130.0\n"
+        "crystal-vllm: 0 running, 20 evictions, 0 budget reallocations, 0 head-blocks in use; "
+        "mean kept entries per (layer, KV head) by layer: []; peak entries per (layer, KV "
+        "head): mean 120.00 over 10 released requests, max 150.0\n"
+    )
+    first, second = parse_cache_stats(log)
+    assert (first.peak_mean, first.released, first.peak_max) == (100.0, 4, 130.0)
+    # (120 * 10 - 100 * 4) / 6 requests released in between.
+    assert peak_entries_between(first, second) == pytest.approx(800 / 6)
+    assert peak_entries_between(None, first) == pytest.approx(100.0)
+    assert peak_entries_between(second, second) is None  # nothing released in between
+    assert peak_entries_between(None, CacheStats(0, 1, 0, 0)) is None  # an older runner
 
 
 # -- the driver ----------------------------------------------------------------------------

@@ -91,6 +91,14 @@ def test_server_answers_the_openai_api(tiny_model, policy_args) -> None:
 
         if "crystal" in policy_args:
             _check_per_request_budget(openai, client, model)
+            # The startup decisions reach a plain `vllm serve` log through vLLM's handler
+            # (its INFO format, file and line), with no logging configuration of ours.
+            log = srv.log_path.read_text(errors="replace")
+            startup = [line for line in log.splitlines() if "crystal-vllm: policy crystal" in line]
+            assert startup, srv.log_tail()
+            assert "INFO" in startup[0] and "runner_mixin.py" in startup[0]
+            assert "budget 16 per (layer, KV head), prompt compress" in startup[0]
+            assert "such requests fit in" in startup[0]
 
 
 def _check_per_request_budget(openai, client, model: str) -> None:
