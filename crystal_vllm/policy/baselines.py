@@ -22,6 +22,21 @@ def _excess(valid: torch.Tensor, born_now: torch.Tensor, budgets: torch.Tensor) 
     return (valid.sum(-1) - torch.maximum(budgets, born_now.sum(-1))).clamp_min(0)
 
 
+def _evict_lowest(
+    state: PolicyState,
+    rows: torch.Tensor,
+    budgets: torch.Tensor,
+    primary: torch.Tensor,
+    secondary: torch.Tensor,
+) -> torch.Tensor:
+    """Each head's excess over ``max(budget, #born now)``, lowest ``(primary, secondary)``
+    first, never an entry born in this step."""
+    ri = row_index(rows, state.num_rows)
+    valid = state.valid[ri]
+    born_now = _born_now(state, rows, valid)
+    return select_lowest(primary, secondary, valid & ~born_now, _excess(valid, born_now, budgets))
+
+
 class FullPolicy(KVPolicy):
     """``full``: never evicts (the reference path through this project's cache code)."""
 
@@ -61,16 +76,12 @@ class StreamingPolicy(KVPolicy):
     ) -> torch.Tensor:
         """Evict the oldest non-sink positions; sinks go last (only if the budget < sinks)."""
         ri = row_index(rows, state.num_rows)
-        valid = state.valid[ri]
         position = state.position[ri]
-        born_now = _born_now(state, rows, valid)
-        sinks = _lowest_positions(position, valid, self.config.sinks)
+        sinks = _lowest_positions(position, state.valid[ri], self.config.sinks)
         primary = torch.where(sinks, torch.finfo(torch.float64).max, position.double())
         # Among sinks the newest goes first; among the rest the oldest.
         secondary = torch.where(sinks, -position, position)
-        return select_lowest(
-            primary, secondary, valid & ~born_now, _excess(valid, born_now, budgets)
-        )
+        return _evict_lowest(state, rows, budgets, primary, secondary)
 
     def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:
         return budget + 1
@@ -219,11 +230,7 @@ class RandomPolicy(KVPolicy):
         keys: torch.Tensor | None,
     ) -> torch.Tensor:
         ri = row_index(rows, state.num_rows)
-        valid = state.valid[ri]
-        born_now = _born_now(state, rows, valid)
-        return select_lowest(
-            state.rank[ri], state.position[ri], valid & ~born_now, _excess(valid, born_now, budgets)
-        )
+        return _evict_lowest(state, rows, budgets, state.rank[ri], state.position[ri])
 
     def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:
         return budget + 1
