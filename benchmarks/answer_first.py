@@ -265,7 +265,8 @@ def replay_policy(
 
     Slot ``i`` holds position ``i`` (no slot reuse: the replay never runs out of slots).
     After every step the policy's own end-of-step hook (the one the server runtime calls)
-    may change budgets, e.g. Algorithm 2 for ``crystal``; the replay then evicts down to them.
+    may change the next step's budgets, e.g. Algorithm 2 for ``crystal`` and the move
+    toward its targets, in the server's order.
     """
     num_layers, num_q_heads = trace.decode_probs[0].shape[:2]
     num_kv_heads = trace.keys.shape[1]
@@ -277,6 +278,7 @@ def replay_policy(
     state = policy.init_state(r, num_layers, num_kv_heads, slots)
     budget_t = torch.tensor(budgets, dtype=torch.int64).view(r, 1, 1)
     budget_t = budget_t.expand(r, num_layers, num_kv_heads).clone()
+    target_t = budget_t.clone()
     keys = None
     if policy.needs_keys:
         keys = trace.keys[:, :, :slots].float().unsqueeze(0).expand(r, -1, -1, -1, -1)
@@ -310,11 +312,12 @@ def replay_policy(
         probs, mass = _masked_probs(row, held_q())
         mass_sum += mass.mean((1, 2)).double()
         policy.observe(state, rows, probs, budgets=budget_t)
-        change = policy.end_step(state, rows, budget_t, max_per_head=slots)
-        if change is not None:
-            due_rows, new_budgets = change
-            budget_t[due_rows] = new_budgets
         evict()
+        # As the server: the step evicts at its budgets, then the policy's end-of-step
+        # hook may set those of the next step.
+        change = policy.end_step(state, rows, budget_t, target_t, max_per_head=slots - 1)
+        if change is not None:
+            budget_t, target_t = change
 
     held = state.valid[..., p0:slots]  # [R, L, Hkv, a]
     crystal, slip = labels.crystal, labels.slip

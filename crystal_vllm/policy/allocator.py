@@ -119,3 +119,47 @@ def _largest_remainder(real: torch.Tensor, total: torch.Tensor, cap: torch.Tenso
     )
     extra = (rank < missing.unsqueeze(-1)) & (base < cap.unsqueeze(-1))
     return base + extra.long()
+
+
+def converge(held: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-head budgets ``[b, L, H]`` for the next step, moving what each head ``held`` now
+    toward its target without leaving budget unused and without exceeding the total.
+
+    Every head below its target grows by one (it keeps its next token). The heads above
+    theirs give up, between them, exactly what that growth would put over the targets'
+    total, the largest surplus first and never more than their surplus. Every other head
+    holds what it holds. So a reallocation takes effect as fast as the growing heads can
+    fill, and a request never holds more than its total budget.
+    """
+    if held.shape != targets.shape or held.dim() != 3:
+        raise ValueError(
+            f"held and targets must both be [b, L, H], got {tuple(held.shape)} "
+            f"and {tuple(targets.shape)}"
+        )
+    b = held.shape[0]
+    h, t = held.reshape(b, -1), targets.reshape(b, -1).to(held.dtype)
+    grow = (h < t).to(h.dtype)
+    surplus = (h - t).clamp_min(0)
+    over = (h.sum(-1) + grow.sum(-1) - t.sum(-1)).clamp_min(0)
+    drops = _take_from_largest(surplus, torch.minimum(over, surplus.sum(-1)))
+    return (h + grow - drops).view_as(held)
+
+
+def _take_from_largest(surplus: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
+    """Integer drops ``[b, n]`` summing to ``amount [b]`` (<= the row's surplus), that
+    lower the largest surpluses first: down to a common level, ties by lower index."""
+    lo = torch.zeros_like(amount)  # the level: the largest with enough above it
+    hi = surplus.amax(-1) if surplus.shape[-1] else torch.zeros_like(amount)
+    while bool((lo < hi).any()):
+        mid = (lo + hi + 1) // 2
+        enough = (surplus - mid[:, None]).clamp_min(0).sum(-1) >= amount
+        lo = torch.where(enough, mid, lo)
+        hi = torch.where(enough, hi, mid - 1)
+    drops = (surplus - lo[:, None]).clamp_min(0)
+    # Above the level every dropping head gives up one too many in total by `extra`:
+    # the highest-index ones among those exactly at the level + 1 keep it.
+    extra = drops.sum(-1) - amount
+    at_level = surplus > lo[:, None]
+    order = torch.cumsum(at_level.flip(-1).long(), -1).flip(-1)  # rank from the right
+    keep_one = at_level & (order <= extra[:, None])
+    return drops - keep_one.long()

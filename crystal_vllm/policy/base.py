@@ -302,14 +302,17 @@ class KVPolicy(ABC):
         state: PolicyState,
         rows: torch.Tensor,
         budgets: torch.Tensor,
+        targets: torch.Tensor,
         *,
-        max_per_head: int,
+        max_per_head: int | torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Budget changes at the end of a step, after every layer observed it.
+        """Per-head budgets for the next step, after every layer observed this one.
 
-        Returns ``(due_rows, new_budgets [n, L, H])`` for the rows of ``rows`` whose
-        per-head ``budgets [b, L, H]`` change now, or None. The caller evicts down to the new
-        budgets. Uniform-budget policies never change them.
+        ``budgets [b, L, H]`` is what each head of ``rows`` may hold in this step,
+        ``targets`` what the policy wants it to hold (the same with uniform budgets).
+        Returns the next ``(budgets, targets)`` of ``rows``, or None when neither changes;
+        the next step's evictions apply the budgets. Uniform-budget policies never change
+        them.
         """
         return None
 

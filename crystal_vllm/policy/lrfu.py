@@ -14,7 +14,7 @@ import torch
 
 from crystal_vllm import ops
 from crystal_vllm.ops import DecodeLayer
-from crystal_vllm.policy.allocator import allocate_budgets
+from crystal_vllm.policy.allocator import allocate_budgets, converge
 from crystal_vllm.policy.base import KVPolicy, PolicyState
 from crystal_vllm.policy.configs import CrystalConfig, LRFUConfig, LRUConfig
 from crystal_vllm.policy.select import recency_key, row_index, select_lowest
@@ -182,29 +182,35 @@ class CrystalPolicy(LRFUPolicy):
         state: LRFUState,
         rows: torch.Tensor,
         budgets: torch.Tensor,
+        targets: torch.Tensor,
         *,
-        max_per_head: int,
+        max_per_head: int | torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Algorithm 2 every ``realloc_interval`` steps of a row's own counter, once every
-        head of the row holds its budget (before that, utilisation means nothing).
+        """Algorithm 2 sets new targets every ``realloc_interval`` steps of a row's own
+        counter, once every head of the row holds its target (before that, utilisation
+        means nothing). Every step, the budgets then move the heads toward their targets
+        without leaving budget unused (:func:`~crystal_vllm.policy.allocator.converge`):
+        a head above its target gives up entries only as fast as the heads below theirs
+        fill.
 
         ``state`` must be the full state (all layers), since budget moves between layers.
         """
         ri = row_index(rows, state.num_rows)
+        held = self.counted(state, rows).sum(dim=-1)
+        targets = targets.clone()
         due = state.step[ri] % self.config.realloc_interval == 0
-        if not bool(due.any()):  # most steps: skip counting the entries of every head
+        due &= (held >= targets).flatten(1).all(dim=1)
+        if bool(due.any()):
+            cap = torch.as_tensor(max_per_head, device=targets.device).expand(rows.shape[0])
+            targets[due] = allocate_budgets(
+                self.head_utilisation(state, rows[due]),
+                targets[due],
+                targets[due].sum(dim=(1, 2)),
+                floor_ratio=self.config.floor_ratio,
+                min_tokens=self.config.min_tokens,
+                max_per_head=cap[due],
+            )
+        new_budgets = converge(held, targets)
+        if not bool(due.any()) and torch.equal(new_budgets, budgets):
             return None
-        held = self.counted(state, rows[due]).sum(dim=-1)
-        filled = (held >= budgets[due]).flatten(1).all(dim=1)
-        if not bool(filled.any()):
-            return None
-        due_rows, due_budgets = rows[due][filled], budgets[due][filled]
-        new_budgets = allocate_budgets(
-            self.head_utilisation(state, due_rows),
-            due_budgets,
-            due_budgets.sum(dim=(1, 2)),
-            floor_ratio=self.config.floor_ratio,
-            min_tokens=self.config.min_tokens,
-            max_per_head=max_per_head,
-        )
-        return due_rows, new_budgets
+        return new_budgets, targets

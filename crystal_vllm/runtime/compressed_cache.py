@@ -136,7 +136,10 @@ class CompressedKVCache:
         self.tables = HeadBlockTables(
             layout, max_rows, max_blocks_per_row, self.max_head_blocks, device=device
         )
+        # What each head may hold in this step, and what the policy wants it to hold (the
+        # same except while adaptive budgets move, see KVPolicy.end_step).
         self.budgets = torch.zeros(max_rows, L, H, dtype=torch.long, device=device)
+        self.targets = torch.zeros(max_rows, L, H, dtype=torch.long, device=device)
         self.stats = CacheStats()
         self._held = torch.zeros(max_rows, dtype=torch.long, device=device)  # after a step
         self._peak = torch.zeros(max_rows, dtype=torch.long, device=device)
@@ -217,7 +220,7 @@ class CompressedKVCache:
         if prefills:
             rows = torch.tensor([p[0] for p in prefills], device=device)
             budgets = torch.tensor([p[4] for p in prefills], device=device)
-            self.budgets[rows] = budgets[:, None, None]
+            self.budgets[rows] = self.targets[rows] = budgets[:, None, None]
             self.policy.reset(self.state, rows)
             counts = torch.tensor(
                 [min(p[2], self._slots_for(p[4], p[3])) for p in prefills],
@@ -252,7 +255,9 @@ class CompressedKVCache:
         budget by the same amount, which keeps Algorithm 2's allocation shape."""
         old = self._row_budgets[request.req_id]
         if request.budget != old:
-            self.budgets[row] = (self.budgets[row] + request.budget - old).clamp_min(1)
+            shift = request.budget - old
+            self.budgets[row] = (self.budgets[row] + shift).clamp_min(1)
+            self.targets[row] = (self.targets[row] + shift).clamp_min(1)
             self._row_budgets[request.req_id] = request.budget
 
     def _slots_for(self, budget: int, num_prompt: int) -> int:
@@ -285,17 +290,18 @@ class CompressedKVCache:
         return self._plan is not None
 
     def end_step(self) -> None:
-        """Step bookkeeping after the last layer: budget reallocation, invariants."""
+        """Step bookkeeping after the last layer: invariants (against the budgets this
+        step evicted at), memory accounting, then the next step's budgets."""
         plan, self._plan = self._plan, None
         self.stats.steps += 1
         if plan is not None and plan.evicted:
             self.stats.evictions += int(torch.stack(plan.evicted).sum())
-        if plan is not None and plan.decode_rows.numel():
-            self._reallocate(plan)
-        if plan is not None:
-            self._count_held(plan)
         if self.debug_checks:
             self.check_invariants()
+        if plan is not None:
+            self._count_held(plan)
+        if plan is not None and plan.decode_rows.numel():
+            self._reallocate(plan)
 
     def _count_held(self, plan: _StepPlan) -> None:
         """Entries each stepped row holds now, and its peak (for the memory accounting)."""
@@ -433,24 +439,29 @@ class CompressedKVCache:
     # -- adaptive budgets (Algorithm 2) ---------------------------------------------------
 
     def _reallocate(self, plan: _StepPlan) -> None:
+        """Adaptive budgets: the policy's budgets for the next step and its targets
+        (Algorithm 2 and the move toward its targets: the next step's evictions carry it
+        out), and the head-blocks that no head needs any more back to the row."""
+        if not self.policy.adaptive_budgets:
+            return
+        rows = plan.decode_rows
+        prompt_held = (self.state.valid[rows] & self.state.prompt[rows]).sum(dim=-1)
         change = self.policy.end_step(
             self.state,
-            plan.decode_rows,
-            self.budgets[plan.decode_rows],
-            max_per_head=self.max_slots - 1,
+            rows,
+            self.budgets[rows],
+            self.targets[rows],
+            # Room for a head's entries next to its kept prompt and the step's new token.
+            max_per_head=self.max_slots - 1 - prompt_held.flatten(1).amax(dim=1),
         )
         if change is None:
             return
-        rows, new_budgets = change
-        self.budgets[rows] = new_budgets
-        evict = self.policy.select_evictions(self.state, rows, new_budgets)
-        self.policy.remove(self.state, rows, evict)
-        self.stats.evictions += int(evict.sum())
-        self.stats.reallocations += int(rows.numel())
-        # Each head keeps the head-blocks its new bound and its kept prompt entries need;
-        # the rest go back to the row.
-        prompt_held = (self.state.valid[rows] & self.state.prompt[rows]).sum(dim=-1)
-        resident = self.policy.max_resident(new_budgets) + prompt_held
+        budgets, targets = change
+        self.stats.reallocations += int((targets != self.targets[rows]).flatten(1).any(1).sum())
+        self.budgets[rows], self.targets[rows] = budgets, targets
+        # A head keeps the head-blocks for what it holds now and for its next bound.
+        held = self.policy.counted(self.state, rows).sum(dim=-1)
+        resident = torch.maximum(held, self.policy.max_resident(budgets)) + prompt_held
         self._compact(rows, -torch.div(-resident, self.layout.block_size, rounding_mode="floor"))
 
     def _compact(self, rows: torch.Tensor, keep_blocks: torch.Tensor) -> None:

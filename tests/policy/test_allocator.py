@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crystal_vllm.policy import allocate_budgets
+from crystal_vllm.policy.allocator import converge
 
 
 def _targets(s: torch.Tensor, budgets: torch.Tensor, total: int) -> torch.Tensor:
@@ -144,3 +145,57 @@ def test_rejects_bad_shapes() -> None:
             min_tokens=1,
             max_per_head=4,
         )
+
+
+# -- converge: moving heads toward new targets without leaving budget unused -------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), b=st.integers(1, 3), layers=st.integers(1, 3), heads=st.integers(1, 3))
+def test_converge_conserves_and_reaches_the_targets(data, b: int, layers: int, heads: int):
+    """A full request (held entries = the targets' total) after a reallocation: every step
+    the heads below their targets grow by one, the heads above give up exactly as much,
+    never dropping below their target; the total never moves; all targets are reached
+    within max |target - held| steps. (After a step every head holds its budget, so the
+    next ``held`` is what converge returned.)"""
+    cells = b * layers * heads
+    draw = st.lists(st.integers(0, 30), min_size=cells, max_size=cells)
+    held = torch.tensor(data.draw(draw)).view(b, layers, heads)
+    targets = _with_totals(torch.tensor(data.draw(draw)).view_as(held), held.sum(dim=(1, 2)))
+    total = targets.sum(dim=(1, 2))
+    for _ in range(int((targets - held).abs().max())):
+        nxt = converge(held, targets)
+        below, above, at = held < targets, held > targets, held == targets
+        assert torch.equal(nxt[below], held[below] + 1)
+        assert bool((nxt[above] >= targets[above]).all())
+        assert bool((nxt[above] <= held[above]).all())
+        assert torch.equal(nxt[at], held[at])
+        assert torch.equal(nxt.sum(dim=(1, 2)), total)  # never unused, never over
+        held = nxt
+    assert torch.equal(held, targets)
+
+
+def _with_totals(targets: torch.Tensor, totals: torch.Tensor) -> torch.Tensor:
+    """``targets`` changed by single units, round-robin, until each row sums to its total."""
+    out = targets.clone().view(targets.shape[0], -1)
+    for i, total in enumerate(totals.tolist()):
+        k = 0
+        while int(out[i].sum()) != total:
+            j = k % out.shape[1]
+            if int(out[i].sum()) < total:
+                out[i, j] += 1
+            elif out[i, j] > 0:
+                out[i, j] -= 1
+            k += 1
+    return out.view_as(targets)
+
+
+def test_converge_lets_an_unfilled_request_grow() -> None:
+    """Below the total (the cache still filling), growth needs no matching shrink; a head
+    above its target gives up entries only once the total would be exceeded."""
+    targets = torch.tensor([[[6, 6]]])
+    assert converge(torch.tensor([[[2, 6]]]), targets).tolist() == [[[3, 6]]]
+    assert converge(torch.tensor([[[2, 9]]]), targets).tolist() == [[[3, 9]]]  # 12 <= 12
+    assert converge(torch.tensor([[[3, 9]]]), targets).tolist() == [[[4, 8]]]
+    with pytest.raises(ValueError, match=r"\[b, L, H\]"):
+        converge(torch.zeros(2, 3), torch.zeros(2, 3))

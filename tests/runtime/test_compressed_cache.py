@@ -293,3 +293,51 @@ def test_kept_entries_are_the_policy_librarys_choice(
                 )
     if policy_name != "full":
         assert cache.stats.evictions > 0
+
+
+@pytest.mark.parametrize("prompt_mode", ["evict", "keep"])
+def test_adaptive_budgets_move_without_leaving_budget_unused(prompt_mode: str) -> None:
+    """crystal: once a request's cache has filled, every step it holds exactly its total
+    budget (L x H x budget counted entries), through reallocations that make the per-head
+    split uneven; the kept prompt comes on top, untouched."""
+    torch.manual_seed(3)
+    budget, prompt, steps = 6, 20, 60
+    params = {"realloc_interval": 4, "min_tokens": 1, "floor_ratio": 0.0, "prompt": prompt_mode}
+    policy = make_policy("crystal", params)
+    layout = HeadBlockLayout(num_blocks=64, num_layers=L, num_kv_heads=H, block_size=BS, head_dim=D)
+    cap = math.ceil((policy.max_resident(budget) + policy.prompt_kept(prompt)) / BS) + 1
+    cache = CompressedKVCache(
+        policy,
+        layout,
+        torch.zeros(layout.num_head_blocks, 2, BS, D),
+        max_rows=2,
+        max_slots=cap * BS,
+        max_blocks_per_row=cap,
+        scale=SCALE,
+        debug_checks=True,
+    )
+    blocks = list(range(1, 1 + cap))
+    cache.begin_step([StepRequest("r", prompt, 0, prompt, blocks, budget)])
+    for layer in range(L):
+        # Peaked attention on a few positions, so that heads differ in what they hit.
+        q = torch.randn(prompt, H * G, D) * 4
+        cache.attention(layer, q, torch.randn(prompt, H, D), torch.randn(prompt, H, D))
+    cache.end_step()
+    uneven = filled = False
+    for pos in range(prompt, prompt + steps):
+        cache.begin_step([StepRequest("r", 1, pos, prompt, blocks, budget)])
+        for layer in range(L):
+            cache.attention(
+                layer, torch.randn(1, H * G, D) * 4, torch.randn(1, H, D), torch.randn(1, H, D)
+            )
+        cache.end_step()
+        row = torch.tensor([cache.rows_of(["r"])[0]])
+        counted = policy.counted(cache.state, row).sum(-1)[0]
+        filled |= int(counted.sum()) == L * H * budget
+        if filled:
+            assert int(counted.sum()) == L * H * budget, f"step {pos}: {counted.tolist()}"
+        uneven |= bool((counted != budget).any()) and filled
+        if prompt_mode == "keep":
+            prompt_held = (cache.state.valid[row] & cache.state.prompt[row]).sum(-1)
+            assert bool((prompt_held == prompt).all())
+    assert cache.stats.reallocations > 0 and uneven

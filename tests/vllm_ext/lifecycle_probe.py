@@ -2,7 +2,7 @@
 
 Checks each step that no request holds more vLLM blocks than its cap, and reports the
 free blocks and the runtime's leftover rows at the end. Used by test_lifecycle.py.
-    python lifecycle_probe.py MODEL POLICY BUDGET NUM_REQUESTS NUM_BLOCKS
+    python lifecycle_probe.py MODEL POLICY BUDGET NUM_REQUESTS NUM_BLOCKS [PROMPT_MODE]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sys
 
 def main() -> None:
     model, policy, budget, num_requests, num_blocks = sys.argv[1:6]
+    prompt_mode = sys.argv[6] if len(sys.argv) > 6 else "compress"
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -29,7 +30,7 @@ def main() -> None:
         additional_config={
             "kv_policy": policy,
             "kv_budget": int(budget),
-            "kv_policy_config": {"debug_checks": True},
+            "kv_policy_config": {"debug_checks": True, "prompt": prompt_mode, "prompt_budget": 64},
         },
     )
     engine = llm.llm_engine

@@ -15,12 +15,13 @@ pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
 
 
-@pytest.mark.parametrize("policy", ["crystal", "snapkv"])
-def test_blocks_stay_capped_and_all_return_to_the_pool(tiny_model, policy) -> None:
+@pytest.mark.parametrize(("policy", "prompt"), [("crystal", "compress"), ("snapkv", "evict")])
+def test_blocks_stay_capped_and_all_return_to_the_pool(tiny_model, policy, prompt) -> None:
     # 40 blocks of 32 tokens: far fewer than 24 live requests of up to ~420 tokens need
     # uncapped, so the scheduler preempts whenever several long prompts arrive together.
+    probe = [HERE / "lifecycle_probe.py", tiny_model, policy, "48", "300", "40", prompt]
     result = subprocess.run(
-        [sys.executable, HERE / "lifecycle_probe.py", tiny_model, policy, "48", "300", "40"],
+        [sys.executable, *probe],
         capture_output=True,
         text=True,
         timeout=1200,

@@ -26,7 +26,7 @@ def test_help_lists_the_flags_with_explanations() -> None:
     text = " ".join(result.stdout.split())
     for flag in ("--kv-policy", "--kv-budget", "--kv-policy-config"):
         assert flag in text
-    assert "{none,full,crystal,crystal-lite,lru,streaming,h2o,snapkv,rkv}" in text
+    assert "{none,full,crystal,crystal-lite,lru,streaming,h2o,snapkv,rkv,random}" in text
     assert "Average number of KV entries kept per layer and KV head" in text
 
 
