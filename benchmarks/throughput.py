@@ -161,7 +161,7 @@ def run_http_case(
     from benchmarks.common.http_load import run_load, server_num_blocks
 
     flags = er.cli_flags(spec["engine"]) + ["--num-gpu-blocks-override", str(spec["num_blocks"])]
-    flags += srv.policy_flags(spec["policy"], spec["budget"])
+    flags += srv.policy_flags(spec["policy"], spec["budget"], spec.get("policy_config"))
     vocab = spec["vocab_size"]
     prompts = [er.prompt_tokens(i, spec["prompt_len"], vocab) for i in range(spec["num_requests"])]
     with tempfile.TemporaryDirectory(prefix="throughput-http-") as tmp:

@@ -451,6 +451,9 @@ def test_http_smoke(tmp_path: Path) -> None:
         "2",
         "--poll-interval",
         "0.1",
+        # The 40-token prompts count in the budget, so budget 16 must evict.
+        "--kv-policy-config",
+        '{"prompt": "evict"}',
     ]
     (crystal,) = _run(argv, tmp_path)
     assert crystal["mode"] == "http" and crystal["generated_tokens"] == 3 * 16
