@@ -601,8 +601,10 @@ def render_markdown(
         f", answer {mean([r.generated - r.think_len for r in done]):.1f} tokens (analysed)",
         f"- labels: top/bottom {args.crystal_fraction:.0%} of think tokens by mean "
         "answer-stage attention (over queries, layers, heads) = CrystalKV / SlipKV",
-        "- budget: tokens per KV head = fraction x think length (prompt entries count "
-        "against it); `crystal` reallocates across layers/heads every realloc_interval steps",
+        "- budget: tokens per KV head = fraction x think length; prompt entries count "
+        "against it only under `prompt` `evict` (the default `compress` keeps a prompt of up "
+        "to 256 tokens on top of it: compare policies by entries held per head); `crystal` "
+        "reallocates across layers/heads every realloc_interval steps",
         "- policies: "
         + ", ".join(
             f"{label}" + (f" ({name}, {params[label]})" if params[label] else "")
