@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 from vllm.platforms.cpu import CpuPlatform
 
@@ -218,6 +218,28 @@ class CrystalPlatformMixin:
         global _server_config
         _server_config = config
         super().check_and_update_config(vllm_config)
+        if config.enabled:
+            cls._pick_block_size(vllm_config.cache_config)
+
+    #: The block size a policy gets unless ``--block-size`` says otherwise (None: vLLM's).
+    policy_block_size: ClassVar[int | None] = None
+
+    @classmethod
+    def _pick_block_size(cls, cache_config) -> None:
+        """A request's cap is a whole number of blocks, so large blocks waste much of a
+        small budget (budget 128 at vLLM's CPU default of 128 reserves 3 blocks = 384
+        slots); the smallest block the backend takes wastes the least."""
+        size = cls.policy_block_size
+        if size is None or cache_config.user_specified_block_size:
+            return
+        if cache_config.block_size != size:
+            logger.info(
+                "crystal-vllm: block size %d instead of %d (a request's cap is whole blocks; "
+                "--block-size overrides)",
+                size,
+                cache_config.block_size,
+            )
+            cache_config.block_size = size
 
     @classmethod
     def _configure_for_compression(cls, vllm_config) -> None:
@@ -277,3 +299,6 @@ class CrystalPlatformMixin:
 
 class CrystalCpuPlatform(CrystalPlatformMixin, CpuPlatform):
     """vLLM's CPU platform plus crystal-vllm."""
+
+    # vLLM's CPU attention backend (which ours extends) takes multiples of 32.
+    policy_block_size = 32

@@ -67,6 +67,7 @@ SYMBOLS = [
     ("vllm.config", "CacheConfig.cache_dtype"),
     ("vllm.config", "CacheConfig.enable_prefix_caching"),
     ("vllm.config", "CacheConfig.block_size"),
+    ("vllm.config", "CacheConfig.user_specified_block_size"),
     ("vllm.config", "SchedulerConfig.enable_chunked_prefill"),
     ("vllm.config", "SchedulerConfig.max_num_batched_tokens"),
     ("vllm.config", "SchedulerConfig.max_num_seqs"),
@@ -326,7 +327,11 @@ RUNNER_OWN = {
 #: define that are its own rather than overrides (a name listed here that the class does
 #: not define is allowed: lists may run ahead of a refactoring).
 OVERRIDERS = [
-    ("crystal_vllm.vllm_ext.platform", "CrystalCpuPlatform", {"_configure_for_compression"}),
+    (
+        "crystal_vllm.vllm_ext.platform",
+        "CrystalCpuPlatform",
+        {"_configure_for_compression", "_pick_block_size"},
+    ),
     ("crystal_vllm.vllm_ext.kv_spec", "CrystalAttentionSpec", set()),
     (
         "crystal_vllm.vllm_ext.kv_spec",

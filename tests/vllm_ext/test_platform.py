@@ -122,6 +122,20 @@ def test_unsupported_combinations_fail_closed(
         args.create_engine_config()
 
 
+def test_a_policy_gets_small_blocks_unless_the_user_sets_them(tiny_model) -> None:
+    assert _engine_config(tiny_model).cache_config.block_size == 128  # vLLM's CPU default
+    config = _engine_config(tiny_model, kv_policy="crystal", kv_budget=64)
+    assert config.cache_config.block_size == 32
+    chosen = EngineArgs(
+        model=str(tiny_model),
+        enforce_eager=True,
+        max_model_len=512,
+        block_size=64,
+        additional_config={"kv_policy": "crystal", "kv_budget": 64},
+    ).create_engine_config()
+    assert chosen.cache_config.block_size == 64
+
+
 def test_compression_turns_off_prefix_caching_and_chunked_prefill(tiny_model) -> None:
     config = _engine_config(tiny_model, kv_policy="crystal", kv_budget=64)
     assert not config.cache_config.enable_prefix_caching
