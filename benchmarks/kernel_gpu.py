@@ -291,7 +291,7 @@ def _is_near_tie(torch, policy, ref, got, row, head) -> bool:
 
     def decayed(state, slot):
         age = (state.step[row] - state.tau[row, 0, head, slot]).float()
-        return float(state.crf[row, 0, head, slot] * torch.pow(policy.config.lam, age))
+        return float(state.crf[row, 0, head, slot] * torch.pow(policy.config.step_decay, age))
 
     return all(
         abs(decayed(ref, a) - decayed(got, c))

@@ -75,6 +75,10 @@ class LRFUConfig(PolicyConfig):
     # Record hits from the first step (True) or, as the paper's listing does, only once the
     # head holds at least its budget (False; then `observe` needs `budgets=`).
     hits_before_full: bool = True
+    # Decode steps per LRFU time unit: `lam` decays once per unit (e.g. 128, the compression
+    # round of R-KV's harness the paper's lam sweep comes from), lam ** (1 / time_unit) per
+    # step. With 1, lam 0.6 ranks exactly like LRU (docs/algorithm.md §4).
+    time_unit: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -83,6 +87,12 @@ class LRFUConfig(PolicyConfig):
         _check_gqa(self.gqa_reduce)
         _check_int("obs_window", self.obs_window, 0)
         _check_bool("hits_before_full", self.hits_before_full)
+        _check_int("time_unit", self.time_unit, 1)
+
+    @property
+    def step_decay(self) -> float:
+        """The decay applied per decode step: ``lam ** (1 / time_unit)``."""
+        return self.lam ** (1.0 / self.time_unit)
 
 
 @dataclass
@@ -90,6 +100,7 @@ class LRUConfig(LRFUConfig):
     """``lru``: LRFU with ``lam = 0`` (fixed), close to RaaS."""
 
     lam: float = field(default=0.0, init=False)
+    time_unit: int = field(default=1, init=False)
 
 
 @dataclass

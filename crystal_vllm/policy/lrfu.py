@@ -38,8 +38,9 @@ class LRFUState(PolicyState):
 class LRFUPolicy(KVPolicy):
     """Keep, per head, the entries with the highest decayed CRF (the LRFU family's base).
 
-    ``CRF_t(e) = sum_j lam**(t - t_j)`` over the steps ``t_j`` at which ``e`` was inside its
-    head's top-p attention nucleus, stored as ``(crf, tau)`` and decayed only when read.
+    ``CRF_t(e) = sum_j d**(t - t_j)`` (``d = lam ** (1 / time_unit)``, the decay per step)
+    over the steps ``t_j`` at which ``e`` was inside its head's top-p attention nucleus,
+    stored as ``(crf, tau)`` and decayed only when read.
     A decode layer runs as one fused kernel where the ops offer one for the pool and the
     configuration is one the kernels implement, else as the generic step.
     """
@@ -69,7 +70,7 @@ class LRFUPolicy(KVPolicy):
         ri = row_index(rows, state.num_rows)
         t = state.step[ri].view(-1, 1, 1, 1)
         age = (t - state.tau[ri]).to(torch.float32)
-        return state.crf[ri] * torch.pow(self.config.lam, age)
+        return state.crf[ri] * torch.pow(self.config.step_decay, age)
 
     def kernel_params(self) -> dict[str, Any] | None:
         """The scalars the fused LRFU kernels take, or None when this configuration needs
@@ -78,7 +79,7 @@ class LRFUPolicy(KVPolicy):
         if not config.hits_before_full:
             return None
         return {
-            "lam": config.lam,
+            "lam": config.step_decay,
             "top_p": config.top_p,
             "gqa_max": config.gqa_reduce == "max",
             "protect_prompt": self.keeps_prompt,
@@ -120,7 +121,7 @@ class LRFUPolicy(KVPolicy):
         tau = state.tau[ri]
         hit &= tau != t
         crf = state.crf[ri]
-        decayed = crf * torch.pow(self.config.lam, (t - tau).to(torch.float32))
+        decayed = crf * torch.pow(self.config.step_decay, (t - tau).to(torch.float32))
         state.crf[ri] = torch.where(hit, decayed + 1.0, crf)
         state.tau[ri] = torch.where(hit, t, tau)
 

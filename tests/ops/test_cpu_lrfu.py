@@ -87,7 +87,7 @@ class Scenario:
 def _decayed(policy, state, row, layer, head, slot):
     t = state.step[row]
     age = (t - state.tau[row, layer, head, slot]).float()
-    return float(state.crf[row, layer, head, slot] * torch.pow(policy.config.lam, age))
+    return float(state.crf[row, layer, head, slot] * torch.pow(policy.config.step_decay, age))
 
 
 def _check_same(policy, ref, got, rows, layer, ref_evicted, got_evicted) -> int:
@@ -170,6 +170,7 @@ def test_matches_reference_over_random_steps(policy_name, h, g, d):
         {"top_p": 0.5, "lam": 0.5},
         {"top_p": 0.99, "lam": 1.0},
         {"gqa_reduce": "max"},
+        {"lam": 0.6, "time_unit": 16},  # the kernel gets the per-step decay lam ** (1/16)
     ],
 )
 def test_parameters_match_reference(params):

@@ -556,7 +556,8 @@ class _Scenario:
 
     def _decayed(self, state, row: int, layer: int, head: int, slot: int) -> float:
         age = (state.step[row] - state.tau[row, layer, head, slot]).float()
-        return float(state.crf[row, layer, head, slot] * torch.pow(self.policy.config.lam, age))
+        decay = torch.pow(self.policy.config.step_decay, age)
+        return float(state.crf[row, layer, head, slot] * decay)
 
     def _compare_states(self, rows, layer, ref_evicted, got_evicted) -> int:
         """Assert the states agree up to near-tie victim swaps; returns how many swaps."""

@@ -145,3 +145,24 @@ def test_hits_before_full_false_needs_budgets() -> None:
     state = policy.init_state(1, 1, 1, 4)
     with pytest.raises(ValueError, match="budgets"):
         policy.observe(state, torch.tensor([0]), torch.zeros(1, 1, 1, 4))
+
+
+def test_time_unit_decays_lam_once_per_unit() -> None:
+    """lam 0.6 per unit of 8 steps is lam ** (1/8) per step: after 8 steps an entry hit
+    once has decayed by exactly lam, and the unit changes which entry goes first."""
+    slow = make_policy("crystal-lite", {"lam": 0.6, "time_unit": 8, "prompt": "evict"})
+    assert slow.config.step_decay == pytest.approx(0.6 ** (1 / 8))
+    assert make_policy("crystal-lite", {"lam": 0.6}).config.step_decay == 0.6
+    state = slow.init_state(1, 1, 1, 4)
+    rows = torch.tensor([0])
+    one = torch.zeros(1, 1, 1, 4, dtype=torch.bool)
+    one[..., 0] = True
+    slow.begin_step(state, rows)
+    slow.insert(state, rows, one, torch.zeros(1, 1, 1, 4, dtype=torch.long))  # crf 1 at t=1
+    for _ in range(8):
+        slow.begin_step(state, rows)
+    assert slow.decayed_crf(state, rows)[0, 0, 0, 0].item() == pytest.approx(0.6, rel=1e-5)
+    with pytest.raises(ValueError, match="time_unit must be an integer >= 1, got 0"):
+        make_policy("crystal-lite", {"time_unit": 0})
+    with pytest.raises(ValueError, match="unknown parameter 'time_unit'"):
+        make_policy("lru", {"time_unit": 8})
