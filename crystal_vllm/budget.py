@@ -85,8 +85,7 @@ class BudgetRule:
     def resident_entries(self, budget: int, prompt_len: int) -> int:
         """Most entries one head of a request holds: its budget's bound plus the prompt
         entries kept on top of it, never more than the whole sequence."""
-        resident = self.policy.max_resident(budget) + self.policy.prompt_kept(prompt_len)
-        return min(resident, self.max_model_len)
+        return min(self.policy.resident_bound(budget, prompt_len), self.max_model_len)
 
     def cap_blocks(self, budget: int, prompt_len: int) -> int:
         """vLLM blocks a request with ``budget`` and a ``prompt_len``-token prompt may hold."""

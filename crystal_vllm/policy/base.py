@@ -230,6 +230,11 @@ class KVPolicy(ABC):
             return min(prompt_len, self.max_resident(self.config.prompt_budget) - 1)
         return 0
 
+    def resident_bound(self, budget: int, prompt_len: int) -> int:
+        """Most entries one head holds for ``budget`` and a ``prompt_len``-token prompt:
+        :meth:`max_resident` plus the prompt entries kept on top (:meth:`prompt_kept`)."""
+        return self.max_resident(budget) + self.prompt_kept(prompt_len)
+
     def counted(self, state: PolicyState, rows: torch.Tensor) -> torch.Tensor:
         """Entries ``[b, L, H, S]`` that count against the budget and may be evicted."""
         ri = row_index(rows, state.num_rows)

@@ -262,8 +262,7 @@ class CompressedKVCache:
 
     def _slots_for(self, budget: int, num_prompt: int) -> int:
         """Slots a head needs at most: the budget's bound plus the prompt entries kept."""
-        resident = self.policy.max_resident(budget) + self.policy.prompt_kept(num_prompt)
-        return min(resident, self.max_slots)
+        return min(self.policy.resident_bound(budget, num_prompt), self.max_slots)
 
     def attention(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
@@ -458,7 +457,13 @@ class CompressedKVCache:
             return
         budgets, targets = change
         self.stats.reallocations += int((targets != self.targets[rows]).flatten(1).any(1).sum())
+        # Only a head whose bound went down can have head-blocks to give back (while a
+        # request fills, every step raises its growing heads' budgets: nothing to compact).
+        shrunk = (budgets < self.budgets[rows]).flatten(1).any(dim=1)
         self.budgets[rows], self.targets[rows] = budgets, targets
+        if not bool(shrunk.any()):
+            return
+        rows, budgets, prompt_held = rows[shrunk], budgets[shrunk], prompt_held[shrunk]
         # A head keeps the head-blocks for what it holds now and for its next bound.
         held = self.policy.counted(self.state, rows).sum(dim=-1)
         resident = torch.maximum(held, self.policy.max_resident(budgets)) + prompt_held

@@ -17,6 +17,7 @@ import sys
 import types
 
 import pytest
+from test_host_contract import RUNNER_OWN
 from vllm.config import CompilationMode, CUDAGraphMode, set_current_vllm_config
 from vllm.engine.arg_utils import EngineArgs
 from vllm.platforms.interface import Platform
@@ -36,17 +37,9 @@ from crystal_vllm.vllm_ext import (  # noqa: E402
 )
 from crystal_vllm.vllm_ext import platform as crystal_platform  # noqa: E402
 
-#: Methods of the runner that are crystal-vllm's own (not overrides of vLLM's); the same
-#: list as RUNNER_OWN in test_host_contract.py, which checks every crystal-vllm subclass.
-OWN_METHODS = {
-    "crystal_begin_step",
-    "crystal_kv_summary",
-    "_cap_blocks",
-    "_crystal_builders",
-    "_maybe_log_stats",
-    "_request_budget",
-    "_scheduled_requests",
-}
+#: Methods of the runner that are crystal-vllm's own (not overrides of vLLM's): the list
+#: test_host_contract.py checks every crystal-vllm subclass against.
+OWN_METHODS = RUNNER_OWN
 
 
 def _parameters(function) -> list[str]:

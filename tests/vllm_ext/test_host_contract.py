@@ -314,9 +314,7 @@ SIGNATURES = {
 
 #: Methods of the shared runner mixin that are crystal-vllm's own, not overrides.
 RUNNER_OWN = {
-    "crystal_begin_step",
     "crystal_kv_summary",
-    "_cap_blocks",
     "_crystal_builders",
     "_maybe_log_stats",
     "_request_budget",
