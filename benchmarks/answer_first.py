@@ -240,7 +240,7 @@ class ReplayMetrics:
     crystal_recall_head: float
     slip_kept: float
     think_kept: float
-    held_per_head: float
+    peak_per_head: float
     mass_kept: float
     answer_mass_kept: float
     evictions: int
@@ -286,7 +286,8 @@ def replay_policy(
     evictions = torch.zeros(r, dtype=torch.int64)
 
     def evict() -> None:
-        victims = policy.select_evictions(state, rows, budget_t, keys=keys)
+        keep = policy.keep_between_steps(budget_t)
+        victims = policy.select_evictions(state, rows, keep, keys=keys)
         evictions.add_(victims.sum((1, 2, 3)))
         policy.remove(state, rows, victims)
 
@@ -303,11 +304,19 @@ def replay_policy(
         policy.observe(state, rows, _masked_probs(row, held_q())[0], budgets=budget_t)
     evict()
 
+    def held_mean() -> torch.Tensor:
+        return state.valid.sum(-1).float().mean((1, 2))
+
+    # The most entries a head holds at once (mean over heads): after the prefill's
+    # selection (the server writes only the kept entries), then each step's new token on
+    # top of what the head kept.
+    peak = held_mean()
     mass_sum = torch.zeros(r, dtype=torch.float64)
     for k in range(think_len):
         policy.begin_step(state, rows)
         new = positions == p0 + k
         policy.insert(state, rows, new, positions)
+        peak = torch.maximum(peak, held_mean())
         row = F.pad(trace.decode_probs[k], (0, slots - (p0 + k + 1)))
         probs, mass = _masked_probs(row, held_q())
         mass_sum += mass.mean((1, 2)).double()
@@ -315,7 +324,7 @@ def replay_policy(
         evict()
         # As the server: the step evicts at its budgets, then the policy's end-of-step
         # hook may set those of the next step.
-        change = policy.end_step(state, rows, budget_t, target_t, max_per_head=slots - 1)
+        change = policy.end_step(state, rows, budget_t, target_t, max_per_head=slots)
         if change is not None:
             budget_t, target_t = change
 
@@ -329,7 +338,7 @@ def replay_policy(
             crystal_recall_head=_mean_fraction(held[i], labels.crystal_head),
             slip_kept=_mean_fraction(held[i], slip),
             think_kept=held[i].float().mean().item(),
-            held_per_head=state.valid[i].sum(-1).float().mean().item(),
+            peak_per_head=peak[i].item(),
             mass_kept=(mass_sum[i] / max(think_len, 1)).item(),
             answer_mass_kept=answer_mass[i].item(),
             evictions=int(evictions[i]),
@@ -553,7 +562,7 @@ METRICS = (
     ("crystal_recall_head", "Crystal recall (per-head labels)"),
     ("slip_kept", "SlipKV kept"),
     ("think_kept", "think entries kept"),
-    ("held_per_head", "entries held per head"),
+    ("peak_per_head", "peak entries per head"),
     ("mass_kept", "attention mass kept / step"),
     ("answer_mass_kept", "answer attention mass kept"),
 )
@@ -603,7 +612,7 @@ def render_markdown(
         "answer-stage attention (over queries, layers, heads) = CrystalKV / SlipKV",
         "- budget: tokens per KV head = fraction x think length; prompt entries count "
         "against it only under `prompt` `evict` (the default `compress` keeps a prompt of up "
-        "to 256 tokens on top of it: compare policies by entries held per head); `crystal` "
+        "to 256 tokens on top of it: compare policies by peak entries per head); `crystal` "
         "reallocates across layers/heads every realloc_interval steps",
         "- policies: "
         + ", ".join(
@@ -628,8 +637,9 @@ def render_markdown(
         "## All metrics",
         "",
         "SlipKV kept: share of SlipKV still held (lower is better at equal think kept). Think "
-        "entries kept: chance level of recall. Entries held per head: includes prompt entries; "
-        "snapkv/rkv may exceed the budget by up to their buffer between compressions.",
+        "entries kept: chance level of recall. Peak entries per head: the most a head held at "
+        "once (the step's new token included), prompt entries included; snapkv/rkv peak at "
+        "budget + buffer.",
         "",
         markdown_table(
             ["policy", "budget", *[label for _, label in METRICS]],

@@ -39,12 +39,12 @@ def test_think_end_detection() -> None:
 @pytest.mark.parametrize(
     ("policy", "params", "budget", "expected"),
     [
-        ("crystal-lite", {}, 64, 5),  # 65 resident entries -> 5 blocks of 16
-        ("crystal-lite", {}, 63, 4),  # 64 -> exactly 4 blocks
-        ("crystal", {}, 63, 5),  # adaptive budgets: one block of slack
+        ("crystal-lite", {}, 64, 4),  # 64 resident entries (the new token's included) -> 4
+        ("crystal-lite", {}, 65, 5),  # 65 -> 5 blocks of 16
+        ("crystal", {}, 64, 5),  # adaptive budgets: one block of slack
         ("snapkv", {"buffer": 32}, 64, 6),  # 96 resident -> 6 blocks
         ("full", {}, 64, 256),  # unbounded: the whole sequence (4096 / 16)
-        ("crystal-lite", {"prompt": "keep"}, 64, 6),  # 30 kept prompt entries + 65 -> 95
+        ("crystal-lite", {"prompt": "keep"}, 64, 6),  # 30 kept prompt entries + 64 -> 94
     ],
 )
 def test_cap_blocks(policy, params, budget, expected) -> None:
@@ -54,13 +54,13 @@ def test_cap_blocks(policy, params, budget, expected) -> None:
 
 @pytest.mark.parametrize(
     ("mode", "expected"),
-    [("evict", 65), ("keep", 65 + 100), ("compress", 65 + 40)],
+    [("evict", 64), ("keep", 64 + 100), ("compress", 64 + 40)],
 )
 def test_the_kept_prompt_comes_on_top_of_the_budget(mode: str, expected: int) -> None:
     rule = _rule("crystal-lite", params={"prompt": mode, "prompt_budget": 40})
     assert rule.resident_entries(64, 100) == expected
     assert rule.cap_blocks(64, 100) == -(-expected // 16)
-    assert rule.resident_entries(64, 10) == 65 + (0 if mode == "evict" else 10)
+    assert rule.resident_entries(64, 10) == 64 + (0 if mode == "evict" else 10)
 
 
 def test_cap_never_exceeds_the_whole_sequence() -> None:

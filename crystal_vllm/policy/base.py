@@ -220,14 +220,14 @@ class KVPolicy(ABC):
     def prompt_kept(self, prompt_len: int) -> int:
         """Prompt entries one head holds on top of :meth:`max_resident` for a prompt of
         ``prompt_len`` tokens: all (``keep``), what a selection at ``prompt_budget`` leaves
-        (``compress``: ``max_resident(prompt_budget) - 1``, i.e. ``prompt_budget`` for the
+        (``compress``: :meth:`max_selected` of it, i.e. ``prompt_budget`` for the
         every-step policies and up to ``prompt_budget + buffer - 1`` for snapkv/rkv, which
         compress only past the buffer), or none (``evict``: they count in the budget)."""
         mode = self.config.prompt
         if mode == "keep":
             return prompt_len
         if mode == "compress":
-            return min(prompt_len, self.max_resident(self.config.prompt_budget) - 1)
+            return min(prompt_len, self.max_selected(self.config.prompt_budget))
         return 0
 
     def resident_bound(self, budget: int, prompt_len: int) -> int:
@@ -326,6 +326,21 @@ class KVPolicy(ABC):
         return self.counted(state, rows).sum(-1).to(torch.float32)
 
     @abstractmethod
+    def max_selected(self, budget: int | torch.Tensor) -> int | torch.Tensor:
+        """Most counted entries :meth:`select_evictions` at ``budget`` leaves a head when
+        none was born in the step; elementwise on a tensor of budgets."""
+
+    def keep_between_steps(self, budget: int | torch.Tensor) -> int | torch.Tensor:
+        """The budget to select at after a step (or a prefill) so that a head holds at most
+        ``budget`` entries at any time, the next step's token included: one fewer for the
+        policies that evict every step (the next token takes the freed slot), never below
+        one. Policies that compress on their own cadence override it."""
+        if isinstance(budget, torch.Tensor):
+            return (budget - 1).clamp_min(1)
+        return max(budget - 1, 1)
+
     def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:
-        """Most entries one head can hold between steps for ``budget`` (memory to reserve);
-        elementwise on a tensor of budgets."""
+        """Most entries one head ever holds for ``budget``, the step's new token included
+        (memory to reserve; protected prompt entries come on top, see
+        :meth:`prompt_kept`): ``budget`` for the every-step policies (2 at budget 1)."""
+        return self.max_selected(self.keep_between_steps(budget)) + 1

@@ -54,8 +54,11 @@ class FullPolicy(KVPolicy):
         ri = row_index(rows, state.num_rows)
         return torch.zeros_like(state.valid[ri])
 
-    def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:
+    def max_selected(self, budget: int | torch.Tensor) -> int | torch.Tensor:
         """:data:`UNBOUNDED`: a head grows with the sequence."""
+        return UNBOUNDED
+
+    def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:
         return UNBOUNDED
 
 
@@ -83,8 +86,8 @@ class StreamingPolicy(KVPolicy):
         secondary = torch.where(sinks, -position, position)
         return _evict_lowest(state, rows, budgets, primary, secondary)
 
-    def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:
-        return budget + 1
+    def max_selected(self, budget: int | torch.Tensor) -> int | torch.Tensor:
+        return budget
 
 
 def _lowest_positions(position: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
@@ -151,8 +154,8 @@ class H2OPolicy(KVPolicy):
         ri = row_index(rows, state.num_rows)
         return torch.where(self.counted(state, rows), state.acc[ri], 0.0).sum(-1)
 
-    def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:
-        return budget + 1
+    def max_selected(self, budget: int | torch.Tensor) -> int | torch.Tensor:
+        return budget
 
 
 def _highest_positions(
@@ -232,5 +235,5 @@ class RandomPolicy(KVPolicy):
         ri = row_index(rows, state.num_rows)
         return _evict_lowest(state, rows, budgets, state.rank[ri], state.position[ri])
 
-    def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:
-        return budget + 1
+    def max_selected(self, budget: int | torch.Tensor) -> int | torch.Tensor:
+        return budget

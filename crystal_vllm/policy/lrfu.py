@@ -147,10 +147,8 @@ class LRFUPolicy(KVPolicy):
         crf = self.decayed_crf(state, rows)
         return torch.where(self.counted(state, rows), crf, 0.0).sum(-1)
 
-    def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:
-        """The budget plus the entry written in the step before its victim leaves
-        (protected prompt entries come on top of this, see :meth:`prompt_kept`)."""
-        return budget + 1
+    def max_selected(self, budget: int | torch.Tensor) -> int | torch.Tensor:
+        return budget
 
 
 class CrystalLitePolicy(LRFUPolicy):
@@ -194,13 +192,16 @@ class CrystalPolicy(LRFUPolicy):
         a head above its target gives up entries only as fast as the heads below theirs
         fill.
 
-        ``state`` must be the full state (all layers), since budget moves between layers.
+        Budgets and targets count what a head holds during a step, its new token included
+        (:meth:`max_resident`): a head that keeps ``n`` entries now holds ``n + 1`` in the
+        next step before it evicts. ``state`` must be the full state (all layers), since
+        budget moves between layers.
         """
         ri = row_index(rows, state.num_rows)
-        held = self.counted(state, rows).sum(dim=-1)
+        next_held = self.counted(state, rows).sum(dim=-1) + 1
         targets = targets.clone()
         due = state.step[ri] % self.config.realloc_interval == 0
-        due &= (held >= targets).flatten(1).all(dim=1)
+        due &= (next_held >= targets).flatten(1).all(dim=1)
         if bool(due.any()):
             cap = torch.as_tensor(max_per_head, device=targets.device).expand(rows.shape[0])
             targets[due] = allocate_budgets(
@@ -211,7 +212,7 @@ class CrystalPolicy(LRFUPolicy):
                 min_tokens=self.config.min_tokens,
                 max_per_head=cap[due],
             )
-        new_budgets = converge(held, targets)
+        new_budgets = converge(next_held, targets)
         if not bool(due.any()) and torch.equal(new_budgets, budgets):
             return None
         return new_budgets, targets

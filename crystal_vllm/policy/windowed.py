@@ -122,8 +122,14 @@ class SnapKVPolicy(KVPolicy):
     ) -> torch.Tensor:
         return self._importance(state, r, li, hi, valid, order)
 
-    def max_resident(self, budget: int | torch.Tensor) -> int | torch.Tensor:
-        return budget + self.config.buffer
+    def max_selected(self, budget: int | torch.Tensor) -> int | torch.Tensor:
+        """Below ``budget + buffer`` nothing is compressed."""
+        return budget + self.config.buffer - 1
+
+    def keep_between_steps(self, budget: int | torch.Tensor) -> int | torch.Tensor:
+        """The budget itself: the buffer is the room new tokens take between compressions,
+        so a head peaks at ``budget + buffer`` entries, the new token included."""
+        return budget
 
 
 class RKVPolicy(SnapKVPolicy):

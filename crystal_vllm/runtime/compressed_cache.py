@@ -11,7 +11,9 @@ never leak to the caller.
 
 A decode layer is the policy's own step (:meth:`~crystal_vllm.policy.KVPolicy.decode_layer`):
 write the new token's K/V into the free slot picked here, attend over all entries
-including it, record the hits, evict down to the budget (docs/algorithm.md §2); LRFU policies
+including it, record the hits, evict so that the next step's token still fits in the
+budget (a head never holds more than ``max_resident(budget)`` entries, the new token
+included; docs/algorithm.md §2); LRFU policies
 run it as one fused kernel where the ops offer one. At the end of a step the policy may
 move budgets (:meth:`~crystal_vllm.policy.KVPolicy.end_step`, Algorithm 2 for
 ``crystal``); surplus head-blocks then go back to the request.
@@ -246,9 +248,14 @@ class CompressedKVCache:
             decode_tokens=tokens,
             decode_slots=slots.transpose(0, 1).contiguous(),
             decode_positions=positions,
-            decode_budgets=self.budgets[rows].transpose(0, 1).contiguous(),
+            decode_budgets=self._keep(self.budgets[rows]).transpose(0, 1).contiguous(),
             prefills=[p[:4] for p in prefills],
         )
+
+    def _keep(self, budgets: torch.Tensor) -> torch.Tensor:
+        """What heads at ``budgets`` keep after a step or a prefill, so that the next
+        step's token still fits in the budget (:meth:`KVPolicy.keep_between_steps`)."""
+        return self.policy.keep_between_steps(budgets)
 
     def _update_budget(self, row: int, request: StepRequest) -> None:
         """A running request's budget changed (its think stage ended): shift every head's
@@ -392,7 +399,7 @@ class CompressedKVCache:
             evict = policy.select_evictions(prompt_only, first, budget, keys=keys)
             policy.remove(scratch, first, evict)
             evicted += int(evict.sum())
-        budgets = self.budgets[row, layer][None, None]
+        budgets = self._keep(self.budgets[row, layer][None, None])
         evict = policy.select_evictions(scratch, first, budgets, keys=keys)
         policy.remove(scratch, first, evict)
         self.stats.prefill_evictions += evicted + int(evict.sum())
@@ -450,8 +457,8 @@ class CompressedKVCache:
             rows,
             self.budgets[rows],
             self.targets[rows],
-            # Room for a head's entries next to its kept prompt and the step's new token.
-            max_per_head=self.max_slots - 1 - prompt_held.flatten(1).amax(dim=1),
+            # Room for a head's entries (its step's new token included) next to its prompt.
+            max_per_head=self.max_slots - prompt_held.flatten(1).amax(dim=1),
         )
         if change is None:
             return
@@ -464,9 +471,10 @@ class CompressedKVCache:
         if not bool(shrunk.any()):
             return
         rows, budgets, prompt_held = rows[shrunk], budgets[shrunk], prompt_held[shrunk]
-        # A head keeps the head-blocks for what it holds now and for its next bound.
+        # A head keeps the head-blocks for what it holds in the next step before it evicts
+        # (its entries and the new token) and for its next bound.
         held = self.policy.counted(self.state, rows).sum(dim=-1)
-        resident = torch.maximum(held, self.policy.max_resident(budgets)) + prompt_held
+        resident = torch.maximum(held + 1, self.policy.max_resident(budgets)) + prompt_held
         self._compact(rows, -torch.div(-resident, self.layout.block_size, rounding_mode="floor"))
 
     def _compact(self, rows: torch.Tensor, keep_blocks: torch.Tensor) -> None:
@@ -489,8 +497,9 @@ class CompressedKVCache:
         req_ids = list(self._rows)
         rows = torch.tensor([self._rows[r] for r in req_ids], device=self.budgets.device)
         held = self.policy.counted(self.state, rows).sum(dim=-1)
+        # The next step's token must still fit within the budget's bound.
         bound = torch.as_tensor(self.policy.max_resident(self.budgets[rows]), device=held.device)
-        if bool((held > bound).any()):
+        if bool((held + 1 > bound).any()):
             raise AssertionError("a head holds more entries than its budget allows")
         prompt_held = (self.state.valid[rows] & self.state.prompt[rows]).sum(dim=-1)
         prompt_bound = torch.tensor(

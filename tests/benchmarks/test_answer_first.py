@@ -76,18 +76,18 @@ def _replay(name: str, budget: int, layers: int = 1, **params: object) -> af.Rep
 def test_replay_full_keeps_everything() -> None:
     m = _replay("full", 8)
     assert m.crystal_recall == m.crystal_recall_head == m.think_kept == 1.0
-    assert m.held_per_head == PROMPT + THINK and m.evictions == 0
+    assert m.peak_per_head == PROMPT + THINK and m.evictions == 0
     assert m.mass_kept == pytest.approx(1.0, abs=1e-3)
     assert m.answer_mass_kept == pytest.approx(1.0, abs=1e-3)
 
 
 def test_replay_lrfu_keeps_crystal_and_recency_does_not() -> None:
     lrfu = _replay("crystal-lite", 8)
-    assert lrfu.held_per_head == 8
+    assert lrfu.peak_per_head == 8
     assert lrfu.crystal_recall == 1.0 and lrfu.slip_kept == 0.0
     # StreamingLLM keeps the 4 prompt sinks and the 4 newest think tokens: none attended.
     stream = _replay("streaming", 8)
-    assert stream.held_per_head == 8
+    assert stream.peak_per_head == 8
     assert stream.crystal_recall == 0.0
     assert stream.evictions > 0 and lrfu.evictions > 0
     assert lrfu.answer_mass_kept > stream.answer_mass_kept
@@ -99,15 +99,15 @@ def test_replay_metrics_are_bounded(name: str) -> None:
     m = _replay(name, 10)
     for value in (m.crystal_recall, m.slip_kept, m.think_kept, m.mass_kept, m.answer_mass_kept):
         assert 0.0 <= value <= 1.0 + 1e-6
-    assert m.held_per_head <= make_policy(name).max_resident(10)
+    assert m.peak_per_head <= make_policy(name).max_resident(10)
 
 
 def test_replay_keeps_the_prompt_on_top_of_the_budget() -> None:
     """``prompt`` ``keep`` (the default): the prompt is held whole, the think stage gets
     the budget."""
     kept = _replay("crystal-lite", 8, prompt="keep")
-    assert kept.held_per_head == PROMPT + 8
-    assert _replay("crystal-lite", 8).held_per_head == 8
+    assert kept.peak_per_head == PROMPT + 8
+    assert _replay("crystal-lite", 8).peak_per_head == 8
 
 
 def test_replay_crystal_moves_budget_between_layers() -> None:
@@ -116,7 +116,7 @@ def test_replay_crystal_moves_budget_between_layers() -> None:
     labels = af.label_think_tokens(trace, THINK, num_kv_heads=1)
     params = {"realloc_interval": 4, "min_tokens": 0, "floor_ratio": 0.0, "prompt": "evict"}
     (adaptive,) = af.replay_policy(make_policy("crystal", params), trace, THINK, labels, [8])
-    assert adaptive.held_per_head == 8  # mean over the two layers: the total is unchanged
+    assert adaptive.peak_per_head == 8  # mean over the two layers: the total is unchanged
     lite = make_policy("crystal-lite", {"prompt": "evict"})
     (uniform,) = af.replay_policy(lite, trace, THINK, labels, [8])
     assert adaptive.think_kept != uniform.think_kept

@@ -94,7 +94,8 @@ class Sim:
         return probs
 
     def _select_and_remove(self, rows: torch.Tensor) -> torch.Tensor:
-        budgets = self.budgets[rows]
+        # As the server runtime: select so that the next step's token fits in the budget.
+        budgets = self.policy.keep_between_steps(self.budgets[rows])
         keys = self.keys[rows] if self.policy.needs_keys else None
         if self.layerwise:
             parts = []

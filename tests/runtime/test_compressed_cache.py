@@ -164,7 +164,8 @@ def test_a_grown_budget_stops_eviction_until_the_new_bound() -> None:
             layer, torch.randn(20, H * G, D), torch.randn(20, H, D), torch.randn(20, H, D)
         )
     cache.end_step()
-    assert int(cache.held_entries("a").max()) == 12
+    # A head keeps one fewer than its budget between steps: the next token's slot.
+    assert int(cache.held_entries("a").max()) == 11
     evictions = cache.stats.evictions
     for step in range(3):
         cache.begin_step([StepRequest("a", 1, 20 + step, 20, blocks[:2], 14)])
@@ -174,7 +175,7 @@ def test_a_grown_budget_stops_eviction_until_the_new_bound() -> None:
             )
         cache.end_step()
     # Budget 14 from the first decode step on: two steps grow, the third evicts one.
-    assert int(cache.held_entries("a").min()) == 14
+    assert int(cache.held_entries("a").min()) == 13
     assert cache.stats.evictions - evictions == L * H
 
 
@@ -204,7 +205,8 @@ class _PositionReplay:
             full_keys = torch.zeros(1, 1, H, self.total, D)
             full_keys[0, 0, :, : keys.shape[0]] = keys.transpose(0, 1).float()
         state = self.state if state is None else state
-        budgets = self.budgets if budgets is None else budgets
+        if budgets is None:  # as the runtime: leave the next token's slot free
+            budgets = self.policy.keep_between_steps(self.budgets)
         evict = self.policy.select_evictions(state, self.row, budgets, keys=full_keys)
         self.policy.remove(self.state, self.row, evict)
 
@@ -298,8 +300,9 @@ def test_kept_entries_are_the_policy_librarys_choice(
 @pytest.mark.parametrize("prompt_mode", ["evict", "keep"])
 def test_adaptive_budgets_move_without_leaving_budget_unused(prompt_mode: str) -> None:
     """crystal: once a request's cache has filled, every step it holds exactly its total
-    budget (L x H x budget counted entries), through reallocations that make the per-head
-    split uneven; the kept prompt comes on top, untouched."""
+    budget (L x H x budget counted entries during a step, one fewer per head between
+    steps), through reallocations that make the per-head split uneven; the kept prompt
+    comes on top, untouched."""
     torch.manual_seed(3)
     budget, prompt, steps = 6, 20, 60
     params = {"realloc_interval": 4, "min_tokens": 1, "floor_ratio": 0.0, "prompt": prompt_mode}
@@ -333,10 +336,10 @@ def test_adaptive_budgets_move_without_leaving_budget_unused(prompt_mode: str) -
         cache.end_step()
         row = torch.tensor([cache.rows_of(["r"])[0]])
         counted = policy.counted(cache.state, row).sum(-1)[0]
-        filled |= int(counted.sum()) == L * H * budget
+        filled |= int(counted.sum()) == L * H * (budget - 1)
         if filled:
-            assert int(counted.sum()) == L * H * budget, f"step {pos}: {counted.tolist()}"
-        uneven |= bool((counted != budget).any()) and filled
+            assert int(counted.sum()) == L * H * (budget - 1), f"step {pos}: {counted.tolist()}"
+        uneven |= bool((counted != budget - 1).any()) and filled
         if prompt_mode == "keep":
             prompt_held = (cache.state.valid[row] & cache.state.prompt[row]).sum(-1)
             assert bool((prompt_held == prompt).all())
