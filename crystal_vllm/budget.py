@@ -9,9 +9,9 @@ call :class:`BudgetRule`, so they cannot disagree:
   once: a second think-end token changes nothing;
 * its cap in vLLM blocks holds the policy's ``max_resident(budget)`` entries per head,
   plus the prompt entries the policy keeps on top of the budget (``prompt`` ``keep``:
-  all of them, ``compress``: ``prompt_budget`` at most, ``evict``: none), plus one block
-  of slack when budgets are adaptive (every head rounds up to whole head-blocks on its
-  own), and never more than a whole sequence needs.
+  all of them, ``compress``: ``prompt_budget`` at most, ``evict``: none), never more
+  than a whole sequence needs. Adaptive budgets need no slack: they move in whole
+  head-blocks within what the uniform budget was granted (``CrystalPolicy.end_step``).
 """
 
 from __future__ import annotations
@@ -90,9 +90,8 @@ class BudgetRule:
     def cap_blocks(self, budget: int, prompt_len: int) -> int:
         """vLLM blocks a request with ``budget`` and a ``prompt_len``-token prompt may hold."""
         resident = self.resident_entries(budget, prompt_len)
-        slack = 1 if self.policy.adaptive_budgets else 0
         whole_sequence = _cdiv(self.max_model_len, self.block_size)
-        return min(_cdiv(resident, self.block_size) + slack, whole_sequence)
+        return min(_cdiv(resident, self.block_size), whole_sequence)
 
     @property
     def max_cap_blocks(self) -> int:

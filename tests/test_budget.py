@@ -41,7 +41,7 @@ def test_think_end_detection() -> None:
     [
         ("crystal-lite", {}, 64, 4),  # 64 resident entries (the new token's included) -> 4
         ("crystal-lite", {}, 65, 5),  # 65 -> 5 blocks of 16
-        ("crystal", {}, 64, 5),  # adaptive budgets: one block of slack
+        ("crystal", {}, 64, 4),  # adaptive budgets move in whole head-blocks: no slack
         ("snapkv", {"buffer": 32}, 64, 6),  # 96 resident -> 6 blocks
         ("full", {}, 64, 256),  # unbounded: the whole sequence (4096 / 16)
         ("crystal-lite", {"prompt": "keep"}, 64, 6),  # 30 kept prompt entries + 64 -> 94

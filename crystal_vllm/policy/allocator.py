@@ -51,12 +51,18 @@ def allocate_budgets(
     if (total < 0).any() or (cap < 0).any():
         raise ValueError("total and max_per_head must be >= 0")
 
-    floor = torch.clamp_min(torch.ceil(floor_ratio * total.double() / n).long(), min_tokens)
-    floor = torch.minimum(torch.minimum(floor, total // n), cap)
+    floor = torch.minimum(head_floor(total, n, floor_ratio, min_tokens), cap)
 
     target = _algorithm2(utilisation.double(), budgets.double(), total.double())
     real = _water_fill(target.view(b, n), floor.double(), cap.double(), total.double())
     return _largest_remainder(real, total, cap).view(b, num_layers, num_heads)
+
+
+def head_floor(total: torch.Tensor, n: int, floor_ratio: float, min_tokens: int) -> torch.Tensor:
+    """The least budget per head, ``[b]``: ``max(ceil(floor_ratio * total / n), min_tokens)``,
+    lowered to ``total // n`` where the total cannot give every head that much."""
+    floor = torch.clamp_min(torch.ceil(floor_ratio * total.double() / n).long(), min_tokens)
+    return torch.minimum(floor, total // n)
 
 
 def _algorithm2(s: torch.Tensor, budgets: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -163,3 +169,144 @@ def _take_from_largest(surplus: torch.Tensor, amount: torch.Tensor) -> torch.Ten
     order = torch.cumsum(at_level.flip(-1).long(), -1).flip(-1)  # rank from the right
     keep_one = at_level & (order <= extra[:, None])
     return drops - keep_one.long()
+
+
+def boundary_targets(
+    scores: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    move: float,
+    floor: int | torch.Tensor,
+    max_per_head: int | torch.Tensor,
+) -> torch.Tensor:
+    """New targets ``[b, L, H]`` that move budget, within each layer, from the heads whose
+    weakest entries score lowest to the heads whose next victim scores highest.
+
+    ``scores [b, L, H, S]`` is each counted entry's score (``inf`` elsewhere): LRFU's
+    decayed CRF. Per layer, ``m = max(1, round(move * layer total))`` units leave the heads
+    owning the layer's ``m`` lowest-scored entries (never below ``floor``) and go to the
+    heads in proportion to their *boundary* score, the score of the entry they would evict
+    next (largest remainder; never above ``max_per_head``). Layer totals are unchanged, so
+    no layer can take another's memory (utilisation-driven Algorithm 2 gave the diffuse
+    layer 0 about twice its share). Heads whose boundaries are equal keep their shares up
+    to a churn of ``m`` units.
+    """
+    b, num_layers, num_heads, _ = scores.shape
+    device = targets.device
+    floor_t = torch.as_tensor(floor, device=device).expand(b).view(b, 1, 1)
+    cap = torch.as_tensor(max_per_head, device=device).expand(b).view(b, 1, 1)
+    counted = torch.isfinite(scores)
+    held = counted.sum(-1)
+    boundary = torch.where(counted, scores, torch.inf).amin(-1)
+    boundary = torch.where(held > 0, boundary, 0.0).clamp_min(0.0)
+    total = targets.sum(-1)  # [b, L]
+    m = (move * total.double()).round().long().clamp_min(1)
+
+    # Donors: the m lowest-scored entries of the layer, a head giving at most down to floor.
+    ascending = torch.where(counted, scores, torch.inf).sort(dim=-1).values
+    can_give = (targets - floor_t).clamp_min(0)
+    rank = torch.arange(scores.shape[-1], device=device)
+    giveable = rank < can_give.unsqueeze(-1)
+    pool = torch.where(giveable, ascending, torch.inf).flatten(2)  # [b, L, H * S]
+    order = pool.argsort(dim=-1, stable=True)
+    first = torch.arange(pool.shape[-1], device=device) < m.unsqueeze(-1)
+    taken = first & torch.isfinite(pool.gather(-1, order))
+    head_of = torch.div(order, scores.shape[-1], rounding_mode="floor")
+    give = torch.zeros_like(targets).scatter_add_(-1, head_of, taken.long())
+    moved = give.sum(-1)  # [b, L]: what was actually freed
+
+    # Receivers: by boundary score, largest remainder, within the cap.
+    room = (cap - (targets - give)).clamp_min(0)
+    weight = torch.where(room > 0, boundary.double(), 0.0)
+    weight = torch.where(weight.sum(-1, keepdim=True) > 0, weight, (room > 0).double())
+    share = moved.unsqueeze(-1).double() * weight / weight.sum(-1, keepdim=True).clamp_min(1e-300)
+    get = torch.minimum(torch.floor(share + 1e-9).long(), room)
+    missing = (moved - get.sum(-1)).unsqueeze(-1)
+    frac = torch.where(get < room, share - get, -torch.inf)
+    order = frac.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(num_heads, device=device).expand_as(order)
+    )
+    get = get + ((rank < missing) & (get < room)).long()
+    # Units the cap turned away go back to their donors (never above what they had).
+    short = moved - get.sum(-1)
+    give = give - _take_from_largest(give.view(-1, num_heads), short.view(-1)).view_as(give)
+    return targets - give + get
+
+
+def fit_blocks(
+    targets: torch.Tensor,
+    fixed: torch.Tensor,
+    *,
+    block_size: int,
+    capacity: torch.Tensor,
+    floor: int | torch.Tensor,
+) -> torch.Tensor:
+    """Integer targets ``[b, L, H]`` whose heads fit ``capacity [b]`` blocks of
+    ``block_size`` entries, with the same per-request total.
+
+    A head needs ``ceil((fixed + target) / block_size)`` blocks (``fixed``: the entries it
+    holds outside the budget, e.g. its kept prompt). When the request needs more blocks
+    than it has, the heads whose last block is least used give it up (their target drops
+    to the block boundary, never below ``floor``) and the entries they gave up go to the
+    room left in other heads' last blocks. Rows that cannot be fitted so get a uniform
+    split, which always fits (it is what the capacity was sized for).
+    """
+    b = targets.shape[0]
+    out = targets.clone()
+    flat, fixed_flat = out.view(b, -1), fixed.reshape(b, -1)
+    floor_t = torch.as_tensor(floor, device=targets.device).expand(b)
+    for i in range(b):
+        t, f = flat[i], fixed_flat[i]
+        excess = int((-torch.div(-(t + f), block_size, rounding_mode="floor")).sum()) - int(
+            capacity[i]
+        )
+        if excess <= 0:
+            continue
+        used = (t + f) % block_size  # entries in the last, partial block (0: full)
+        cheap = (used > 0) & (t - used >= floor_t[i])
+        if int(cheap.sum()) < excess:
+            flat[i] = _uniform(int(t.sum()), t.numel(), t)
+            continue
+        order = torch.where(cheap, used, block_size + 1).argsort(stable=True)[:excess]
+        freed = int(used[order].sum())
+        t[order] -= used[order]
+        rest = torch.ones_like(cheap)
+        rest[order] = False
+        room = torch.where(rest & (used > 0), block_size - used, 0)
+        # The strongest heads (largest targets) get the freed entries first.
+        by_size = torch.where(room > 0, t, -1).argsort(descending=True, stable=True)
+        fill = room[by_size].cumsum(0)
+        add = (freed - (fill - room[by_size])).clamp(min=0)
+        t[by_size] += torch.minimum(add, room[by_size])
+    return out
+
+
+def _uniform(total: int, n: int, like: torch.Tensor) -> torch.Tensor:
+    base = torch.full_like(like, total // n)
+    base[: total % n] += 1
+    return base
+
+
+def fit_growth(
+    budgets: torch.Tensor,
+    next_held: torch.Tensor,
+    fixed: torch.Tensor,
+    *,
+    block_size: int,
+    capacity: torch.Tensor,
+) -> torch.Tensor:
+    """``budgets [b, L, H]`` (from :func:`converge`) with the growth that would need more
+    blocks than the request has held back: a head that would start a new block grows
+    only when a block is free. The heads above their targets keep shrinking meanwhile,
+    so a block frees within at most ``block_size`` steps."""
+    b = budgets.shape[0]
+    need = -torch.div(-(budgets + fixed).view(b, -1), block_size, rounding_mode="floor")
+    excess = need.sum(-1) - capacity
+    if not bool((excess > 0).any()):
+        return budgets
+    nh = next_held.view(b, -1)
+    starts_block = (budgets.view(b, -1) > nh) & ((nh + fixed.view(b, -1)) % block_size == 0)
+    rank = starts_block.long().cumsum(-1)
+    hold = starts_block & (rank <= excess.clamp_min(0).unsqueeze(-1))
+    return torch.where(hold, nh, budgets.view(b, -1)).view_as(budgets)

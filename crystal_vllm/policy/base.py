@@ -310,6 +310,8 @@ class KVPolicy(ABC):
         targets: torch.Tensor,
         *,
         max_per_head: int | torch.Tensor,
+        block_size: int = 1,
+        capacity: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per-head budgets for the next step, after every layer observed this one.
 
@@ -317,7 +319,8 @@ class KVPolicy(ABC):
         ``targets`` what the policy wants it to hold (the same with uniform budgets).
         Returns the next ``(budgets, targets)`` of ``rows``, or None when neither changes;
         the next step's evictions apply the budgets. Uniform-budget policies never change
-        them.
+        them. ``max_per_head`` bounds one head; memory comes in blocks of ``block_size``
+        entries per head, ``capacity [b]`` blocks per row (None: unbounded).
         """
         return None
 

@@ -42,6 +42,10 @@ def _check_gqa(value: str) -> None:
 PROMPT_MODES = ("keep", "compress", "evict")
 
 
+#: How ``crystal`` sets new per-head targets (``realloc_rule``, docs/algorithm.md §5).
+REALLOC_RULES = ("boundary", "utilisation")
+
+
 @dataclass
 class PolicyConfig:
     """Options every policy has: how the prompt's entries are treated."""
@@ -110,12 +114,22 @@ class CrystalConfig(LRFUConfig):
     realloc_interval: int = 64  # decode steps between allocator runs
     floor_ratio: float = 0.2  # every head keeps >= floor_ratio * average budget ...
     min_tokens: int = 16  # ... and >= min_tokens
+    # How new targets are set: "boundary" moves `realloc_move` of each layer's budget from
+    # the heads with the weakest entries to those whose next victim scores highest;
+    # "utilisation" is the paper's Algorithm 2 (shares by S / B, across layers).
+    realloc_rule: str = "boundary"
+    realloc_move: float = 0.05
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_int("realloc_interval", self.realloc_interval, 1)
         _check_unit("floor_ratio", self.floor_ratio, open_low=False)
         _check_int("min_tokens", self.min_tokens, 0)
+        if self.realloc_rule not in REALLOC_RULES:
+            raise ValueError(
+                f"realloc_rule must be one of {', '.join(REALLOC_RULES)}, got {self.realloc_rule!r}"
+            )
+        _check_unit("realloc_move", self.realloc_move, open_low=True)
 
 
 @dataclass

@@ -14,7 +14,14 @@ import torch
 
 from crystal_vllm import ops
 from crystal_vllm.ops import DecodeLayer
-from crystal_vllm.policy.allocator import allocate_budgets, converge
+from crystal_vllm.policy.allocator import (
+    allocate_budgets,
+    boundary_targets,
+    converge,
+    fit_blocks,
+    fit_growth,
+    head_floor,
+)
 from crystal_vllm.policy.base import KVPolicy, PolicyState
 from crystal_vllm.policy.configs import CrystalConfig, LRFUConfig, LRUConfig
 from crystal_vllm.policy.select import recency_key, row_index, select_lowest
@@ -184,35 +191,65 @@ class CrystalPolicy(LRFUPolicy):
         targets: torch.Tensor,
         *,
         max_per_head: int | torch.Tensor,
+        block_size: int = 1,
+        capacity: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Algorithm 2 sets new targets every ``realloc_interval`` steps of a row's own
-        counter, once every head of the row holds its target (before that, utilisation
-        means nothing). Every step, the budgets then move the heads toward their targets
-        without leaving budget unused (:func:`~crystal_vllm.policy.allocator.converge`):
-        a head above its target gives up entries only as fast as the heads below theirs
-        fill.
+        """New targets every ``realloc_interval`` steps of a row's own counter, once every
+        head of the row holds its target (before that, scores mean nothing), by
+        ``realloc_rule`` (:func:`~crystal_vllm.policy.allocator.boundary_targets` or the
+        paper's Algorithm 2). Every step, the budgets then move the heads toward their
+        targets without leaving budget unused
+        (:func:`~crystal_vllm.policy.allocator.converge`): a head above its target gives
+        up entries only as fast as the heads below theirs fill.
+
+        Memory comes in blocks of ``block_size`` entries per head, ``capacity [b]`` of them
+        per row (None: unbounded): targets are fitted to whole blocks and a head starts a
+        new block only when one is free, so a request never needs more than the blocks
+        its uniform budget was granted.
 
         Budgets and targets count what a head holds during a step, its new token included
         (:meth:`max_resident`): a head that keeps ``n`` entries now holds ``n + 1`` in the
         next step before it evicts. ``state`` must be the full state (all layers), since
-        budget moves between layers.
+        ``utilisation`` moves budget between layers.
         """
+        config = self.config
         ri = row_index(rows, state.num_rows)
-        next_held = self.counted(state, rows).sum(dim=-1) + 1
+        counted = self.counted(state, rows)
+        next_held = counted.sum(dim=-1) + 1
+        fixed = (state.valid[ri] & ~counted).sum(dim=-1)  # the kept prompt
         targets = targets.clone()
-        due = state.step[ri] % self.config.realloc_interval == 0
+        due = state.step[ri] % config.realloc_interval == 0
         due &= (next_held >= targets).flatten(1).all(dim=1)
         if bool(due.any()):
-            cap = torch.as_tensor(max_per_head, device=targets.device).expand(rows.shape[0])
-            targets[due] = allocate_budgets(
-                self.head_utilisation(state, rows[due]),
-                targets[due],
-                targets[due].sum(dim=(1, 2)),
-                floor_ratio=self.config.floor_ratio,
-                min_tokens=self.config.min_tokens,
-                max_per_head=cap[due],
-            )
+            b = rows.shape[0]
+            cap = torch.as_tensor(max_per_head, device=targets.device).expand(b)[due]
+            total = targets[due].sum(dim=(1, 2))
+            n = targets.shape[1] * targets.shape[2]
+            floor = torch.minimum(head_floor(total, n, config.floor_ratio, config.min_tokens), cap)
+            if config.realloc_rule == "utilisation":
+                new = allocate_budgets(
+                    self.head_utilisation(state, rows[due]),
+                    targets[due],
+                    total,
+                    floor_ratio=config.floor_ratio,
+                    min_tokens=config.min_tokens,
+                    max_per_head=cap,
+                )
+            else:
+                scores = torch.where(counted, self.decayed_crf(state, rows), torch.inf)[due]
+                new = boundary_targets(
+                    scores, targets[due], move=config.realloc_move, floor=floor, max_per_head=cap
+                )
+            if capacity is not None:
+                new = fit_blocks(
+                    new, fixed[due], block_size=block_size, capacity=capacity[due], floor=floor
+                )
+            targets[due] = new
         new_budgets = converge(next_held, targets)
+        if capacity is not None:
+            new_budgets = fit_growth(
+                new_budgets, next_held, fixed, block_size=block_size, capacity=capacity
+            )
         if not bool(due.any()) and torch.equal(new_budgets, budgets):
             return None
         return new_budgets, targets

@@ -143,6 +143,8 @@ class CompressedKVCache:
         self.budgets = torch.zeros(max_rows, L, H, dtype=torch.long, device=device)
         self.targets = torch.zeros(max_rows, L, H, dtype=torch.long, device=device)
         self.stats = CacheStats()
+        # Head-blocks a request's block cap holds (adaptive budgets stay within them).
+        self._capacity = torch.zeros(max_rows, dtype=torch.long, device=device)
         self._held = torch.zeros(max_rows, dtype=torch.long, device=device)  # after a step
         self._peak = torch.zeros(max_rows, dtype=torch.long, device=device)
         self._rows: dict[str, int] = {}
@@ -164,7 +166,7 @@ class CompressedKVCache:
         self.stats.released_requests += 1
         self.stats.peak_entries_sum += peak
         self.stats.peak_entries_max = max(self.stats.peak_entries_max, peak)
-        self._held[row] = self._peak[row] = 0
+        self._held[row] = self._peak[row] = self._capacity[row] = 0
         self.tables.release(rows)
         self.policy.reset(self.state, rows)
         self._blocks_seen.pop(req_id, None)
@@ -206,6 +208,7 @@ class CompressedKVCache:
                 prefills.append((row, token, request.num_new_tokens, num_prompt, request.budget))
                 self._row_budgets[request.req_id] = request.budget
                 self._num_prompt[request.req_id] = num_prompt
+                self._set_capacity(row, request.req_id)
             elif request.num_new_tokens == 1:
                 decode_rows.append(row)
                 decode_tokens.append(token)
@@ -258,14 +261,19 @@ class CompressedKVCache:
         return self.policy.keep_between_steps(budgets)
 
     def _update_budget(self, row: int, request: StepRequest) -> None:
-        """A running request's budget changed (its think stage ended): shift every head's
-        budget by the same amount, which keeps Algorithm 2's allocation shape."""
-        old = self._row_budgets[request.req_id]
-        if request.budget != old:
-            shift = request.budget - old
-            self.budgets[row] = (self.budgets[row] + shift).clamp_min(1)
-            self.targets[row] = (self.targets[row] + shift).clamp_min(1)
+        """A running request's budget changed (its think stage ended): every head starts
+        again from the new uniform budget, which is what the request's grown block cap
+        holds (adaptive budgets then move from there, within that cap)."""
+        if request.budget != self._row_budgets[request.req_id]:
+            self.budgets[row] = self.targets[row] = request.budget
             self._row_budgets[request.req_id] = request.budget
+            self._set_capacity(row, request.req_id)
+
+    def _set_capacity(self, row: int, req_id: str) -> None:
+        """The head-blocks of the request's block cap (what the scheduler grants it)."""
+        slots = self._slots_for(self._row_budgets[req_id], self._num_prompt[req_id])
+        blocks = math.ceil(slots / self.layout.block_size)
+        self._capacity[row] = blocks * self.layout.heads_per_block
 
     def _slots_for(self, budget: int, num_prompt: int) -> int:
         """Slots a head needs at most: the budget's bound plus the prompt entries kept."""
@@ -451,7 +459,9 @@ class CompressedKVCache:
         if not self.policy.adaptive_budgets:
             return
         rows = plan.decode_rows
-        prompt_held = (self.state.valid[rows] & self.state.prompt[rows]).sum(dim=-1)
+        # Entries held outside the budget: the protected prompt (none under `evict`).
+        prompt_held = (self.state.valid[rows] & ~self.policy.counted(self.state, rows)).sum(-1)
+        layout = self.layout
         change = self.policy.end_step(
             self.state,
             rows,
@@ -459,6 +469,8 @@ class CompressedKVCache:
             self.targets[rows],
             # Room for a head's entries (its step's new token included) next to its prompt.
             max_per_head=self.max_slots - prompt_held.flatten(1).amax(dim=1),
+            block_size=layout.block_size,
+            capacity=self._capacity[rows],
         )
         if change is None:
             return

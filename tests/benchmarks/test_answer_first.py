@@ -114,7 +114,13 @@ def test_replay_crystal_moves_budget_between_layers() -> None:
     """Algorithm 2 runs during the replay: the total is kept, the split becomes uneven."""
     trace = synthetic_trace(layers=2)
     labels = af.label_think_tokens(trace, THINK, num_kv_heads=1)
-    params = {"realloc_interval": 4, "min_tokens": 0, "floor_ratio": 0.0, "prompt": "evict"}
+    params = {
+        "realloc_interval": 4,
+        "min_tokens": 0,
+        "floor_ratio": 0.0,
+        "prompt": "evict",
+        "realloc_rule": "utilisation",  # the rule that moves budget between layers
+    }
     (adaptive,) = af.replay_policy(make_policy("crystal", params), trace, THINK, labels, [8])
     assert adaptive.peak_per_head == 8  # mean over the two layers: the total is unchanged
     lite = make_policy("crystal-lite", {"prompt": "evict"})

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crystal_vllm.policy import allocate_budgets
-from crystal_vllm.policy.allocator import converge
+from crystal_vllm.policy.allocator import boundary_targets, converge, fit_blocks, fit_growth
 
 
 def _targets(s: torch.Tensor, budgets: torch.Tensor, total: int) -> torch.Tensor:
@@ -199,3 +199,86 @@ def test_converge_lets_an_unfilled_request_grow() -> None:
     assert converge(torch.tensor([[[3, 9]]]), targets).tolist() == [[[4, 8]]]
     with pytest.raises(ValueError, match=r"\[b, L, H\]"):
         converge(torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+# -- boundary targets, whole head-blocks ---------------------------------------------------
+
+
+def _blocks(t: torch.Tensor, fixed: torch.Tensor, bs: int) -> torch.Tensor:
+    """Blocks each request needs, in plain loops: sum over heads of ceil((fixed + t) / bs)."""
+    out = []
+    for i in range(t.shape[0]):
+        out.append(
+            sum(
+                math.ceil((int(f) + int(x)) / bs)
+                for f, x in zip(fixed[i].flatten(), t[i].flatten(), strict=True)
+            )
+        )
+    return torch.tensor(out)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31), layers=st.integers(1, 3), heads=st.integers(1, 4))
+def test_boundary_targets_keep_layer_totals_floor_and_cap(seed, layers, heads) -> None:
+    g = torch.Generator().manual_seed(seed)
+    slots, b = 12, 2
+    targets = torch.randint(4, 10, (b, layers, heads), generator=g)
+    counted = torch.arange(slots) < (targets - 1).unsqueeze(-1)
+    scores = torch.where(counted, torch.rand(b, layers, heads, slots, generator=g) * 5, torch.inf)
+    new = boundary_targets(scores, targets, move=0.3, floor=3, max_per_head=11)
+    assert torch.equal(new.sum(-1), targets.sum(-1))  # no layer takes another's budget
+    assert bool((new >= torch.minimum(targets, torch.tensor(3))).all())
+    assert bool((new <= torch.maximum(targets, torch.tensor(11))).all())
+
+
+def test_boundary_targets_move_budget_to_the_stronger_boundary() -> None:
+    """Head 0's weakest kept entry scores 5, head 1's scores 0.1: budget flows to head 0,
+    taken from head 1's weakest entries."""
+    scores = torch.full((1, 1, 2, 10), torch.inf)
+    scores[0, 0, 0, :8] = torch.linspace(5, 9, 8)
+    scores[0, 0, 1, :8] = torch.linspace(0.1, 4, 8)
+    targets = torch.tensor([[[9, 9]]])
+    new = boundary_targets(scores, targets, move=0.2, floor=2, max_per_head=20)
+    # m = round(0.2 * 18) = 4 units leave head 1 (it owns the 4 weakest entries), and
+    # go by boundary score: 5 / (5 + 0.1) of them to head 0 (largest remainder: all 4).
+    assert new.tolist() == [[[13, 5]]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31), heads=st.integers(1, 6), bs=st.sampled_from([1, 4, 8]))
+def test_fit_blocks_fits_the_capacity_and_keeps_the_total(seed, heads, bs) -> None:
+    g = torch.Generator().manual_seed(seed)
+    b, budget = 3, int(torch.randint(4, 30, (1,), generator=g))
+    fixed = torch.randint(0, 10, (b, 1, 1), generator=g).expand(b, 2, heads)
+    # The capacity of the uniform budget, and any targets with that total.
+    capacity = _blocks(torch.full((b, 2, heads), budget), fixed, bs)
+    raw = torch.rand(b, 2, heads, generator=g) + 0.05
+    targets = allocate_budgets(
+        raw,
+        torch.full_like(fixed, budget),
+        torch.full((b,), budget * 2 * heads),
+        floor_ratio=0.0,
+        min_tokens=1,
+        max_per_head=10 * budget,
+    )
+    fitted = fit_blocks(targets, fixed, block_size=bs, capacity=capacity, floor=1)
+    assert bool((_blocks(fitted, fixed, bs) <= capacity).all())
+    assert torch.equal(fitted.sum((1, 2)), targets.sum((1, 2)))
+    assert bool((fitted >= 1).all())
+    # Rows that already fitted are unchanged.
+    fits = _blocks(targets, fixed, bs) <= capacity
+    assert torch.equal(fitted[fits], targets[fits])
+
+
+def test_fit_growth_holds_back_only_a_head_that_would_start_a_block() -> None:
+    bs, fixed = 4, torch.zeros(1, 1, 3, dtype=torch.long)
+    next_held = torch.tensor([[[4, 6, 3]]])  # head 0 sits at a block boundary
+    budgets = torch.tensor([[[5, 7, 2]]])  # converge: heads 0 and 1 grow, head 2 gives one
+    capacity = torch.tensor([5])  # 1 + 2 + 1 used during the next step; 1 free
+    assert torch.equal(
+        fit_growth(budgets, next_held, fixed, block_size=bs, capacity=capacity), budgets
+    )
+    capacity = torch.tensor([4])  # no free block: head 0 waits, head 1 grows inside its block
+    held_back = fit_growth(budgets, next_held, fixed, block_size=bs, capacity=capacity)
+    assert held_back.tolist() == [[[4, 7, 2]]]
+    assert bool((_blocks(held_back, fixed, bs) <= capacity).all())

@@ -83,6 +83,12 @@ class Head:
             keys = [self._key(budget, t)(s) for s in order]
             if excess < len(keys) and abs(keys[excess - 1][1] - keys[excess][1]) < 1e-5:
                 return None
+        if self.policy in ("crystal", "crystal-lite", "lru") and excess < len(order):
+            # float32 CRF (decayed lazily) cannot order two scores closer than its rounding:
+            # exact ties are decided by the tie-breaks, near-ties are undecidable here.
+            last, first_kept = (self._key(budget, t)(s)[0] for s in order[excess - 1 : excess + 1])
+            if last != first_kept and abs(last - first_kept) <= 2**-20 * max(last, first_kept):
+                return None
         return set(order[:excess])
 
     def _key(self, budget: int, t: int):

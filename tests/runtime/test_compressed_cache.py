@@ -17,6 +17,7 @@ import torch
 from crystal_vllm import ops
 from crystal_vllm.cache import HeadBlockLayout
 from crystal_vllm.policy import POLICY_NAMES, PROMPT_MODES, make_policy
+from crystal_vllm.policy.configs import REALLOC_RULES
 from crystal_vllm.runtime import CompressedKVCache, StepRequest
 
 L, H, G, D, BS = 2, 2, 2, 16, 8
@@ -297,18 +298,27 @@ def test_kept_entries_are_the_policy_librarys_choice(
         assert cache.stats.evictions > 0
 
 
+@pytest.mark.parametrize("rule", REALLOC_RULES)
 @pytest.mark.parametrize("prompt_mode", ["evict", "keep"])
-def test_adaptive_budgets_move_without_leaving_budget_unused(prompt_mode: str) -> None:
+def test_adaptive_budgets_move_without_leaving_budget_unused(prompt_mode: str, rule: str) -> None:
     """crystal: once a request's cache has filled, every step it holds exactly its total
     budget (L x H x budget counted entries during a step, one fewer per head between
     steps), through reallocations that make the per-head split uneven; the kept prompt
     comes on top, untouched."""
     torch.manual_seed(3)
     budget, prompt, steps = 6, 20, 60
-    params = {"realloc_interval": 4, "min_tokens": 1, "floor_ratio": 0.0, "prompt": prompt_mode}
+    params = {
+        "realloc_interval": 4,
+        "min_tokens": 1,
+        "floor_ratio": 0.0,
+        "prompt": prompt_mode,
+        "realloc_rule": rule,
+        "realloc_move": 0.3,
+    }
     policy = make_policy("crystal", params)
     layout = HeadBlockLayout(num_blocks=64, num_layers=L, num_kv_heads=H, block_size=BS, head_dim=D)
-    cap = math.ceil((policy.max_resident(budget) + policy.prompt_kept(prompt)) / BS) + 1
+    # No slack: adaptive budgets stay within the head-blocks of the uniform budget.
+    cap = math.ceil((policy.max_resident(budget) + policy.prompt_kept(prompt)) / BS)
     cache = CompressedKVCache(
         policy,
         layout,
