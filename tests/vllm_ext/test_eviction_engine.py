@@ -71,3 +71,24 @@ def test_think_stage_end_grows_the_cap_and_stops_eviction(
     # requests past their think stage stopped evicting.
     assert with_think["stats"]["evictions"] < without["stats"]["evictions"]
     assert all(len(tokens) == 64 for tokens in with_think["tokens"])
+
+
+@pytest.mark.parametrize("rule", ["boundary", "utilisation"])
+def test_adaptive_budgets_fit_the_uniform_cap(tiny_model_fp32, rule, offline_generate) -> None:
+    """crystal moves budget every 4 steps, in whole 16-entry head-blocks, inside the blocks
+    a uniform budget is granted (the scheduler grants no slack block): the engine runs to
+    the end with debug_checks on and really reallocates."""
+    policy_config = {
+        "debug_checks": True,
+        "prompt": "keep",
+        "realloc_interval": 4,
+        "realloc_rule": rule,
+        "realloc_move": 0.3,
+        "min_tokens": 1,
+        "floor_ratio": 0.0,
+    }
+    config = {"kv_policy": "crystal", "kv_budget": 24, "kv_policy_config": policy_config}
+    result = offline_generate(tiny_model_fp32, config, "--block-size", "16", "--max-tokens", "64")
+    stats = result["stats"]
+    assert stats["reallocations"] > 0 and stats["evictions"] > 0
+    assert all(len(tokens) == 64 for tokens in result["tokens"])
