@@ -312,6 +312,7 @@ class KVPolicy(ABC):
         max_per_head: int | torch.Tensor,
         block_size: int = 1,
         capacity: torch.Tensor | None = None,
+        counts: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Per-head budgets for the next step, after every layer observed this one.
 
@@ -320,7 +321,9 @@ class KVPolicy(ABC):
         Returns the next ``(budgets, targets)`` of ``rows``, or None when neither changes;
         the next step's evictions apply the budgets. Uniform-budget policies never change
         them. ``max_per_head`` bounds one head; memory comes in blocks of ``block_size``
-        entries per head, ``capacity [b]`` blocks per row (None: unbounded).
+        entries per head, ``capacity [b]`` blocks per row (None: unbounded). ``counts``:
+        the caller's per-head ``(counted, held on top)`` entries ``[b, L, H]``, if it has
+        them (spares a pass over the occupancy mask).
         """
         return None
 

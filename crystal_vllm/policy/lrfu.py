@@ -193,6 +193,7 @@ class CrystalPolicy(LRFUPolicy):
         max_per_head: int | torch.Tensor,
         block_size: int = 1,
         capacity: torch.Tensor | None = None,
+        counts: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """New targets every ``realloc_interval`` steps of a row's own counter, once every
         head of the row holds its target (before that, scores mean nothing), by
@@ -214,9 +215,11 @@ class CrystalPolicy(LRFUPolicy):
         """
         config = self.config
         ri = row_index(rows, state.num_rows)
-        counted = self.counted(state, rows)
-        next_held = counted.sum(dim=-1) + 1
-        fixed = (state.valid[ri] & ~counted).sum(dim=-1)  # the kept prompt
+        if counts is None:
+            counted = self.counted(state, rows)
+            counts = counted.sum(dim=-1), (state.valid[ri] & ~counted).sum(dim=-1)
+        held, fixed = counts  # counted entries per head, and those held on top (the prompt)
+        next_held = held + 1
         targets = targets.clone()
         due = state.step[ri] % config.realloc_interval == 0
         due &= (next_held >= targets).flatten(1).all(dim=1)
@@ -236,7 +239,8 @@ class CrystalPolicy(LRFUPolicy):
                     max_per_head=cap,
                 )
             else:
-                scores = torch.where(counted, self.decayed_crf(state, rows), torch.inf)[due]
+                counted = self.counted(state, rows[due])
+                scores = torch.where(counted, self.decayed_crf(state, rows[due]), torch.inf)
                 new = boundary_targets(
                     scores, targets[due], move=config.realloc_move, floor=floor, max_per_head=cap
                 )

@@ -145,6 +145,9 @@ class CompressedKVCache:
         self.stats = CacheStats()
         # Head-blocks a request's block cap holds (adaptive budgets stay within them).
         self._capacity = torch.zeros(max_rows, dtype=torch.long, device=device)
+        # Protected prompt entries each head holds (kept on top of the budget; fixed once
+        # the prefill is stored, since nothing evicts them).
+        self._protected = torch.zeros(max_rows, L, H, dtype=torch.long, device=device)
         self._held = torch.zeros(max_rows, dtype=torch.long, device=device)  # after a step
         self._peak = torch.zeros(max_rows, dtype=torch.long, device=device)
         self._rows: dict[str, int] = {}
@@ -167,6 +170,7 @@ class CompressedKVCache:
         self.stats.peak_entries_sum += peak
         self.stats.peak_entries_max = max(self.stats.peak_entries_max, peak)
         self._held[row] = self._peak[row] = self._capacity[row] = 0
+        self._protected[row] = 0
         self.tables.release(rows)
         self.policy.reset(self.state, rows)
         self._blocks_seen.pop(req_id, None)
@@ -312,22 +316,25 @@ class CompressedKVCache:
             self.stats.evictions += int(torch.stack(plan.evicted).sum())
         if self.debug_checks:
             self.check_invariants()
-        if plan is not None:
-            self._count_held(plan)
-        if plan is not None and plan.decode_rows.numel():
-            self._reallocate(plan)
+        if plan is None:
+            return
+        held = self._count_held(plan)
+        if plan.decode_rows.numel():
+            self._reallocate(plan, held[: plan.decode_rows.numel()])
 
-    def _count_held(self, plan: _StepPlan) -> None:
-        """Entries each stepped row holds now, and its peak (for the memory accounting)."""
+    def _count_held(self, plan: _StepPlan) -> torch.Tensor:
+        """Entries each head of the stepped rows holds now ``[n, L, H]`` (decode rows
+        first), the one reduction of the occupancy mask per step; records each row's total
+        and its peak (for the memory accounting)."""
         prefill_rows = [p[0] for p in plan.prefills]
         rows = plan.decode_rows
         if prefill_rows:
             rows = torch.cat([rows, torch.tensor(prefill_rows, device=rows.device)])
-        if not rows.numel():
-            return
-        held = self.state.valid[rows].sum(dim=(1, 2, 3))
-        self._held[rows] = held
-        self._peak[rows] = torch.maximum(self._peak[rows], held)
+        held = self.state.valid[rows].sum(dim=-1)
+        total = held.sum(dim=(1, 2))
+        self._held[rows] = total
+        self._peak[rows] = torch.maximum(self._peak[rows], total)
+        return held
 
     # -- decode -------------------------------------------------------------------------
 
@@ -449,18 +456,23 @@ class CompressedKVCache:
             mask = in_use.reshape(in_use.shape + (1,) * (picked.dim() - 2))
             getattr(self.state, name)[row, layer, :, :width] = torch.where(mask, picked, target)
         self.state.step[row] = scratch.step[0]
+        counted = self.policy.counted(scratch, torch.zeros(1, dtype=torch.long, device=key.device))
+        self._protected[row, layer] = (kept & ~counted[0, 0]).sum(dim=-1)
 
     # -- adaptive budgets (Algorithm 2) ---------------------------------------------------
 
-    def _reallocate(self, plan: _StepPlan) -> None:
+    def _reallocate(self, plan: _StepPlan, held: torch.Tensor) -> None:
         """Adaptive budgets: the policy's budgets for the next step and its targets
         (Algorithm 2 and the move toward its targets: the next step's evictions carry it
-        out), and the head-blocks that no head needs any more back to the row."""
+        out), and the head-blocks that no head needs any more back to the row. ``held``:
+        the entries each head of the decode rows holds now."""
         if not self.policy.adaptive_budgets:
             return
         rows = plan.decode_rows
-        # Entries held outside the budget: the protected prompt (none under `evict`).
-        prompt_held = (self.state.valid[rows] & ~self.policy.counted(self.state, rows)).sum(-1)
+        # Entries held outside the budget: the protected prompt (none under `evict`); it
+        # never changes after the prefill.
+        prompt_held = self._protected[rows]
+        counted = held - prompt_held
         layout = self.layout
         change = self.policy.end_step(
             self.state,
@@ -471,6 +483,7 @@ class CompressedKVCache:
             max_per_head=self.max_slots - prompt_held.flatten(1).amax(dim=1),
             block_size=layout.block_size,
             capacity=self._capacity[rows],
+            counts=(counted, prompt_held),
         )
         if change is None:
             return
@@ -482,11 +495,11 @@ class CompressedKVCache:
         self.budgets[rows], self.targets[rows] = budgets, targets
         if not bool(shrunk.any()):
             return
-        rows, budgets, prompt_held = rows[shrunk], budgets[shrunk], prompt_held[shrunk]
+        rows, budgets = rows[shrunk], budgets[shrunk]
+        counted, prompt_held = counted[shrunk], prompt_held[shrunk]
         # A head keeps the head-blocks for what it holds in the next step before it evicts
         # (its entries and the new token) and for its next bound.
-        held = self.policy.counted(self.state, rows).sum(dim=-1)
-        resident = torch.maximum(held + 1, self.policy.max_resident(budgets)) + prompt_held
+        resident = torch.maximum(counted + 1, self.policy.max_resident(budgets)) + prompt_held
         self._compact(rows, -torch.div(-resident, self.layout.block_size, rounding_mode="floor"))
 
     def _compact(self, rows: torch.Tensor, keep_blocks: torch.Tensor) -> None:
@@ -513,6 +526,9 @@ class CompressedKVCache:
         bound = torch.as_tensor(self.policy.max_resident(self.budgets[rows]), device=held.device)
         if bool((held + 1 > bound).any()):
             raise AssertionError("a head holds more entries than its budget allows")
+        protected = (self.state.valid[rows] & ~self.policy.counted(self.state, rows)).sum(-1)
+        if not torch.equal(protected, self._protected[rows]):
+            raise AssertionError("the protected prompt counts disagree with the occupancy")
         prompt_held = (self.state.valid[rows] & self.state.prompt[rows]).sum(dim=-1)
         prompt_bound = torch.tensor(
             [self.policy.prompt_kept(self._num_prompt[r]) for r in req_ids], device=held.device
