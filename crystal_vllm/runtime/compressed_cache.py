@@ -52,7 +52,18 @@ class StepRequest:
 
     @property
     def is_prefill(self) -> bool:
+        """The request's first chunk: its row starts afresh."""
         return self.num_computed_tokens == 0
+
+    @property
+    def is_chunk(self) -> bool:
+        """A prefill chunk (the first or a later one), not a single decode token: any step
+        with prompt tokens, or with several tokens (a resumed request's recomputed outputs)."""
+        return (
+            self.is_prefill
+            or self.num_new_tokens > 1
+            or self.num_computed_tokens < self.num_prompt_tokens
+        )
 
 
 @dataclass
@@ -97,6 +108,20 @@ class CacheSummary:
         return self.evictions + self.prefill_evictions
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    """One prefill chunk of a step: ``count`` tokens from batch index ``start``, at
+    positions ``first ..``; positions below ``num_prompt`` are prompt tokens. ``step`` is
+    the row's policy step before the chunk (every layer's selection starts from it)."""
+
+    row: int
+    start: int
+    count: int
+    first: int
+    num_prompt: int
+    step: int = 0
+
+
 @dataclass
 class _StepPlan:
     decode_rows: torch.Tensor  # long [b]
@@ -104,8 +129,7 @@ class _StepPlan:
     decode_slots: torch.Tensor  # long [L, b, H]: the slot each head's new token takes
     decode_positions: torch.Tensor  # long [b]
     decode_budgets: torch.Tensor  # long [L, b, H]
-    prefills: list[tuple[int, int, int, int]] = field(default_factory=list)
-    # (row, first token index, num tokens, how many of them are prompt tokens)
+    prefills: list[_Chunk] = field(default_factory=list)
     evicted: list[torch.Tensor] = field(default_factory=list)  # per-layer counts, summed
     # at the end of the step (one sync per step instead of one per layer)
 
@@ -203,39 +227,54 @@ class CompressedKVCache:
         decode_rows, decode_tokens, decode_positions = [], [], []
         prefills = []
         token = 0
+        fresh = []
         for request in batch:
             row = self._row_for(request)
-            if request.is_prefill:
+            if request.is_chunk:
                 # A request resumed after preemption is prefilled with its outputs too:
                 # only its first num_prompt_tokens are prompt entries.
-                num_prompt = min(request.num_prompt_tokens, request.num_new_tokens)
-                prefills.append((row, token, request.num_new_tokens, num_prompt, request.budget))
-                self._row_budgets[request.req_id] = request.budget
-                self._num_prompt[request.req_id] = num_prompt
-                self._set_capacity(row, request.req_id)
-            elif request.num_new_tokens == 1:
+                prefills.append(
+                    _Chunk(
+                        row,
+                        token,
+                        request.num_new_tokens,
+                        request.num_computed_tokens,
+                        request.num_prompt_tokens,
+                    )
+                )
+                if request.is_prefill:
+                    fresh.append((row, request.budget))
+                    self._row_budgets[request.req_id] = request.budget
+                    self._num_prompt[request.req_id] = request.num_prompt_tokens
+                    self._set_capacity(row, request.req_id)
+            else:
                 decode_rows.append(row)
                 decode_tokens.append(token)
                 decode_positions.append(request.num_computed_tokens)
                 self._update_budget(row, request)
-            else:
-                raise RuntimeError(
-                    f"request {request.req_id}: {request.num_new_tokens} new tokens after "
-                    f"{request.num_computed_tokens} computed; chunked prefill and speculative "
-                    "decoding are not supported with a KV policy"
-                )
             token += request.num_new_tokens
 
-        if prefills:
-            rows = torch.tensor([p[0] for p in prefills], device=device)
-            budgets = torch.tensor([p[4] for p in prefills], device=device)
+        if fresh:
+            rows = torch.tensor([f[0] for f in fresh], device=device)
+            budgets = torch.tensor([f[1] for f in fresh], device=device)
             self.budgets[rows] = self.targets[rows] = budgets[:, None, None]
             self.policy.reset(self.state, rows)
-            counts = torch.tensor(
-                [min(p[2], self._slots_for(p[4], p[3])) for p in prefills],
+        if prefills:
+            # Room for every head's kept entries: what it holds plus the chunk, up to the
+            # bound of its budget and prompt (the selection never keeps more).
+            rows = torch.tensor([c.row for c in prefills], device=device)
+            bound = torch.tensor(
+                [self._slots_for(int(self.budgets[c.row, 0, 0]), c.num_prompt) for c in prefills],
                 device=device,
             )
-            self.tables.assign_prefill_slots(rows, counts[:, None, None].expand(-1, L, H))
+            count = torch.tensor([c.count for c in prefills], device=device)
+            held = self.state.valid[rows].sum(dim=-1)
+            room = torch.minimum(count[:, None, None], bound[:, None, None] - held).clamp_min(0)
+            self.tables.assign_prefill_slots(rows, room, self.state.valid)
+            steps = self.state.step[rows].tolist()
+            prefills = [
+                dataclasses.replace(c, step=t) for c, t in zip(prefills, steps, strict=True)
+            ]
 
         rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
         slots = torch.zeros(len(decode_rows), L, H, dtype=torch.long, device=device)
@@ -256,7 +295,7 @@ class CompressedKVCache:
             decode_slots=slots.transpose(0, 1).contiguous(),
             decode_positions=positions,
             decode_budgets=self._keep(self.budgets[rows]).transpose(0, 1).contiguous(),
-            prefills=[p[:4] for p in prefills],
+            prefills=prefills,
         )
 
     def _keep(self, budgets: torch.Tensor) -> torch.Tensor:
@@ -295,10 +334,10 @@ class CompressedKVCache:
         out = torch.empty_like(query)
         if plan.decode_rows.numel():
             out[plan.decode_tokens] = self._decode_layer(layer, plan, query, key, value)
-        for row, start, count, num_prompt in plan.prefills:
-            tokens = slice(start, start + count)
+        for chunk in plan.prefills:
+            tokens = slice(chunk.start, chunk.start + chunk.count)
             out[tokens] = self._prefill_layer(
-                row, layer, num_prompt, query[tokens], key[tokens], value[tokens]
+                chunk, layer, query[tokens], key[tokens], value[tokens]
             )
         return out
 
@@ -326,7 +365,7 @@ class CompressedKVCache:
         """Entries each head of the stepped rows holds now ``[n, L, H]`` (decode rows
         first), the one reduction of the occupancy mask per step; records each row's total
         and its peak (for the memory accounting)."""
-        prefill_rows = [p[0] for p in plan.prefills]
+        prefill_rows = [c.row for c in plan.prefills]
         rows = plan.decode_rows
         if prefill_rows:
             rows = torch.cat([rows, torch.tensor(prefill_rows, device=rows.device)])
@@ -359,105 +398,175 @@ class CompressedKVCache:
 
     # -- prefill ------------------------------------------------------------------------
 
-    def _prefill_layer(self, row, layer, num_prompt, query, key, value):
+    def _prefill_layer(self, chunk: _Chunk, layer, query, key, value) -> torch.Tensor:
+        """One prefill chunk at ``layer``: attention of its tokens over the entries the
+        request holds and, causally, over each other; then the selection over both (a
+        scratch state, warmed with the chunk's last ``obs_window`` queries) down to what
+        the budget and the prompt mode keep, written to the request's slots."""
+        bs = self.layout.block_size
+        width = int(self.tables.num_head_blocks[chunk.row, layer].max()) * bs
+        held = self.state.valid[chunk.row, layer, :, :width]  # [H, C]
+        held_k = held_v = None
+        if bool(held.any()):
+            tables = self.tables.block_tables[chunk.row : chunk.row + 1, layer]
+            held_k, held_v = (t[0] for t in ops.gather_kv(self.kv_pool, tables, width))
+        out = self._chunk_attention(query, key, value, held, held_k, held_v)
+        scratch, evicted = self._select_entries(chunk, layer, query, key, held, held_k)
+        self.stats.prefill_evictions += evicted
+        self._store_entries(chunk.row, layer, width, scratch, key, value)
+        return out
+
+    def _chunk_attention(self, query, key, value, held, held_k, held_v) -> torch.Tensor:
+        """Output ``[T, Hq, D]`` of the chunk's queries over the held entries and, causally,
+        over the chunk itself."""
         count, num_kv_heads, _ = key.shape
         group = query.shape[1] // num_kv_heads
-        k = key.transpose(0, 1).repeat_interleave(group, dim=0)  # [Hq, T, D]
-        v = value.transpose(0, 1).repeat_interleave(group, dim=0)
+        k = key.transpose(0, 1)  # [H, T, D]
+        v = value.transpose(0, 1)
+        mask = None
+        if held_k is not None:
+            k = torch.cat([held_k.to(k.dtype), k], dim=1)
+            v = torch.cat([held_v.to(v.dtype), v], dim=1)
+            causal = torch.ones(count, count, dtype=torch.bool, device=key.device).tril()
+            mask = torch.cat(
+                [held[:, None, :].expand(-1, count, -1), causal.expand(num_kv_heads, -1, -1)],
+                dim=-1,
+            ).repeat_interleave(group, dim=0)
+        k = k.repeat_interleave(group, dim=0)
+        v = v.repeat_interleave(group, dim=0)
         q = query.transpose(0, 1)
         # 4-d inputs: torch's fused (flash) CPU kernel; 3-d ones take the math path, which
         # materialises T x T scores and was ~30x slower on an 8k prompt.
         out = F.scaled_dot_product_attention(
-            q[None], k[None], v[None], is_causal=True, scale=self.scale
+            q[None],
+            k[None],
+            v[None],
+            attn_mask=None if mask is None else mask[None],
+            is_causal=mask is None,
+            scale=self.scale,
         )[0]
-        kept, scratch = self._select_prompt_entries(row, layer, num_prompt, query, key)
-        self._store_prompt_entries(row, layer, kept, scratch, key, value)
         return out.transpose(0, 1)
 
-    def _select_prompt_entries(self, row, layer, num_prompt, query, key):
-        """Warm a scratch state over the prefilled tokens and evict it down to the budget.
+    def _select_entries(self, chunk: _Chunk, layer, query, key, held, held_k):
+        """Warm a scratch state over the held entries and the chunk's tokens and evict it
+        down to what the request keeps; returns it and the entries it dropped.
 
-        The first ``num_prompt`` tokens are prompt entries: kept whole (``prompt``
-        ``keep``), first reduced to ``prompt_budget`` per head by the policy's own choice
-        (``compress``), or ordinary entries (``evict``). The rest (the outputs of a
-        request resumed after preemption) are ordinary entries under the budget.
+        Scratch slots ``0 .. C-1`` are the request's own slots (state copied), ``C ..``
+        the chunk's tokens. Tokens below ``num_prompt`` are prompt entries: kept whole
+        (``prompt`` ``keep``), first reduced to ``prompt_budget`` per head by the policy's
+        own choice (``compress``), or ordinary entries (``evict``). The rest (the outputs
+        of a request resumed after preemption) are ordinary entries under the budget.
         """
         policy, device = self.policy, key.device
         count, num_kv_heads, _ = key.shape
-        scratch = policy.init_state(1, 1, num_kv_heads, count, device)
+        width = held.shape[-1]
+        scratch = policy.init_state(1, 1, num_kv_heads, width + count, device)
+        for name in scratch.entry_fields():
+            getattr(scratch, name)[0, 0, :, :width] = getattr(self.state, name)[
+                chunk.row, layer, :, :width
+            ]
+        scratch.step[0] = chunk.step
         first = torch.zeros(1, dtype=torch.long, device=device)
-        positions = torch.arange(count, device=device)
-        policy.insert(
-            scratch,
-            first,
-            torch.ones(1, 1, num_kv_heads, count, dtype=torch.bool, device=device),
-            positions.expand(1, 1, num_kv_heads, count),
-            prefill=True,
-        )
-        scratch.prompt[..., num_prompt:] = False
+        new = torch.zeros(1, 1, num_kv_heads, width + count, dtype=torch.bool, device=device)
+        new[..., width:] = True
+        positions = torch.zeros_like(new, dtype=torch.long)
+        positions[..., width:] = torch.arange(chunk.first, chunk.first + count, device=device)
+        policy.insert(scratch, first, new, positions, prefill=True)
+        prompt_tokens = max(chunk.num_prompt - chunk.first, 0)  # the chunk's prompt tokens
+        scratch.prompt[..., width + prompt_tokens :] = False
         window = min(policy.obs_window, count)
-        probs = self._prompt_query_probs(query[-window:], key, count - window) if window else None
-        # At least one step passes, so that no prompt entry counts as born this step.
+        probs = None
+        if window:
+            probs = self._window_probs(query[-window:], key, count - window, held, held_k)
+        # At least one step passes, so that no chunk entry counts as born this step.
         for w in range(max(window, 1)):
             policy.begin_step(scratch, first)
             if probs is not None:
                 policy.observe(scratch, first, probs[w][None, None])
-        keys = key.transpose(0, 1)[None, None].float() if policy.needs_keys else None
+        keys = None
+        if policy.needs_keys:
+            chunk_keys = key.transpose(0, 1).float()
+            if held_k is None:
+                held_k = torch.zeros(num_kv_heads, width, key.shape[-1], device=device)
+            keys = torch.cat([held_k.float(), chunk_keys], dim=1)[None, None]
         evicted = 0
-        if policy.config.prompt == "compress" and num_prompt > policy.config.prompt_budget:
+        prompt_held = scratch.valid & scratch.prompt
+        if policy.config.prompt == "compress" and bool(
+            (prompt_held.sum(-1) > policy.config.prompt_budget).any()
+        ):
             # The prompt alone, as ordinary entries, down to prompt_budget per head.
-            no_prompt = torch.zeros_like(scratch.prompt)
             prompt_only = dataclasses.replace(
-                scratch, valid=scratch.valid & scratch.prompt, prompt=no_prompt
+                scratch, valid=prompt_held, prompt=torch.zeros_like(scratch.prompt)
             )
             budget = torch.full((1, 1, num_kv_heads), policy.config.prompt_budget, device=device)
             evict = policy.select_evictions(prompt_only, first, budget, keys=keys)
             policy.remove(scratch, first, evict)
             evicted += int(evict.sum())
-        budgets = self._keep(self.budgets[row, layer][None, None])
+        budgets = self._keep(self.budgets[chunk.row, layer][None, None])
         evict = policy.select_evictions(scratch, first, budgets, keys=keys)
         policy.remove(scratch, first, evict)
-        self.stats.prefill_evictions += evicted + int(evict.sum())
-        return scratch.valid[0, 0], scratch
+        return scratch, evicted + int(evict.sum())
 
-    def _prompt_query_probs(self, queries, key, first_query) -> torch.Tensor:
-        """Causal attention probabilities ``[W, Hq, T]`` of the last prompt queries."""
+    def _window_probs(self, queries, key, first_query, held, held_k) -> torch.Tensor:
+        """Attention probabilities ``[W, Hq, C + T]`` of the chunk's last queries over the
+        held entries and, causally, the chunk's tokens (0 on the other slots)."""
         group = queries.shape[1] // key.shape[1]
-        k = key.float().repeat_interleave(group, dim=1)  # [T, Hq, D]
+        k = key.float()  # [T, H, D]
+        width = held.shape[-1]
+        if held_k is not None:
+            k = torch.cat([held_k.float().transpose(0, 1), k], dim=0)  # [C + T, H, D]
+        k = k.repeat_interleave(group, dim=1)
         scores = torch.einsum("whd,thd->wht", queries.float(), k) * self.scale
         query_pos = torch.arange(queries.shape[0], device=key.device) + first_query
         future = torch.arange(key.shape[0], device=key.device)[None, :] > query_pos[:, None]
-        scores = scores.masked_fill(future[:, None, :], float("-inf"))
-        return scores.softmax(dim=-1)
+        hidden = future[:, None, :].expand(-1, scores.shape[1], -1)  # [W, Hq, T]
+        if held_k is not None:
+            absent = ~held.repeat_interleave(group, dim=0)  # [Hq, C]
+            hidden = torch.cat([absent[None].expand(queries.shape[0], -1, -1), hidden], dim=-1)
+        probs = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
+        if held_k is None:  # nothing held: the request's own slots get no attention
+            probs = F.pad(probs, (width, 0))
+        return probs
 
-    def _store_prompt_entries(self, row, layer, kept, scratch, key, value) -> None:
-        """Write the kept prompt entries to slots ``0..k-1`` of each head, state included."""
-        num_kept = kept.sum(dim=-1)  # [H]
-        width = int(num_kept.max())
-        if width > self.max_slots:
-            raise RuntimeError(f"prefill keeps {width} entries, more than {self.max_slots} slots")
-        # Kept entries first, in position order (stable sort of the "not kept" flag).
-        order = torch.sort((~kept).to(torch.int8), dim=-1, stable=True).indices[:, :width]
-        slot_ids = torch.arange(width, device=key.device)
-        in_use = slot_ids[None, :] < num_kept[:, None]  # [H, width]
-        dst = torch.where(in_use, slot_ids[None, :], torch.full_like(order, -1))
-        heads = torch.arange(key.shape[1], device=key.device)[:, None]
-        k_sel = key[order, heads].transpose(0, 1)  # [width, H, D]
-        v_sel = value[order, heads].transpose(0, 1)
-        tables = self.tables.block_tables[row : row + 1, layer]
-        ops.write_kv(self.kv_pool, tables, dst[None], k_sel[None], v_sel[None])
+    def _store_entries(self, row, layer, width, scratch, key, value) -> None:
+        """Write the selection back: the held entries stay in their slots (evicted ones
+        freed, scores updated); the kept chunk tokens take each head's lowest free slots
+        within its head-blocks, in position order, K/V and state."""
         for name in scratch.entry_fields():
-            source = getattr(scratch, name)[0, 0]  # [H, T, ...]
-            index = order.reshape(order.shape + (1,) * (source.dim() - 2)).expand(
-                order.shape + source.shape[2:]
-            )
-            picked = torch.gather(source, 1, index)
-            target = getattr(self.state, name)[row, layer, :, :width]
-            mask = in_use.reshape(in_use.shape + (1,) * (picked.dim() - 2))
-            getattr(self.state, name)[row, layer, :, :width] = torch.where(mask, picked, target)
+            getattr(self.state, name)[row, layer, :, :width] = getattr(scratch, name)[
+                0, 0, :, :width
+            ]
+        kept = scratch.valid[0, 0, :, width:]  # [H, T]
+        num_kept = kept.sum(dim=-1)
+        if bool((num_kept > 0).any()):
+            bs = self.layout.block_size
+            attached = self.tables.num_head_blocks[row, layer].long() * bs  # [H]
+            slot_ids = torch.arange(width, device=key.device)
+            free = ~self.state.valid[row, layer, :, :width] & (slot_ids < attached[:, None])
+            if bool((free.sum(dim=-1) < num_kept).any()):
+                raise RuntimeError("a prefill chunk keeps more entries than its head-blocks hold")
+            most = int(num_kept.max())
+            # Kept tokens first, in position order (stable sort of the "not kept" flag);
+            # free slots likewise, lowest first.
+            order = torch.sort((~kept).to(torch.int8), dim=-1, stable=True).indices[:, :most]
+            holes = torch.sort((~free).to(torch.int8), dim=-1, stable=True).indices[:, :most]
+            in_use = torch.arange(most, device=key.device)[None, :] < num_kept[:, None]
+            dst = torch.where(in_use, holes, torch.full_like(holes, -1))
+            heads = torch.arange(key.shape[1], device=key.device)[:, None]
+            k_sel = key[order, heads].transpose(0, 1)  # [most, H, D]
+            v_sel = value[order, heads].transpose(0, 1)
+            tables = self.tables.block_tables[row : row + 1, layer]
+            ops.write_kv(self.kv_pool, tables, dst[None], k_sel[None], v_sel[None])
+            h_idx, j = in_use.nonzero(as_tuple=True)
+            for name in scratch.entry_fields():
+                source = getattr(scratch, name)[0, 0, :, width:]  # [H, T, ...]
+                getattr(self.state, name)[row, layer, h_idx, holes[h_idx, j]] = source[
+                    h_idx, order[h_idx, j]
+                ]
         self.state.step[row] = scratch.step[0]
-        counted = self.policy.counted(scratch, torch.zeros(1, dtype=torch.long, device=key.device))
-        self._protected[row, layer] = (kept & ~counted[0, 0]).sum(dim=-1)
+        rows = torch.tensor([row], device=key.device)
+        counted = self.policy.counted(self.state, rows)[0, layer]
+        self._protected[row, layer] = (self.state.valid[row, layer] & ~counted).sum(dim=-1)
 
     # -- adaptive budgets (Algorithm 2) ---------------------------------------------------
 

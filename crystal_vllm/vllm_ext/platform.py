@@ -248,13 +248,8 @@ class CrystalPlatformMixin:
         if cache_config.enable_prefix_caching:
             logger.info("crystal-vllm: prefix caching is off (evicted blocks are never shared)")
             cache_config.enable_prefix_caching = False
-        # A prompt is compressed right after its prefill, which must see the whole prompt.
-        max_model_len = vllm_config.model_config.max_model_len
-        if scheduler_config.enable_chunked_prefill:
-            logger.info("crystal-vllm: chunked prefill is off (prompts are evicted whole)")
-            scheduler_config.enable_chunked_prefill = False
-        if scheduler_config.max_num_batched_tokens < max_model_len:
-            scheduler_config.max_num_batched_tokens = max_model_len
+        # Chunked prefill stays as vLLM configured it: each chunk attends over what the
+        # request holds and is compressed with it (docs/serving.md).
         if scheduler_config.scheduler_cls in (None, SCHEDULER_CLS):
             scheduler_config.scheduler_cls = SCHEDULER_CLS
         else:

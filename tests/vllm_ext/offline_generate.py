@@ -29,6 +29,12 @@ def main() -> None:
     parser.add_argument("additional_config", help="JSON object for additional_config")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--block-size", type=int, default=None)
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="tokens per step (with chunked prefill, a prompt longer than this is chunked)",
+    )
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -39,6 +45,10 @@ def main() -> None:
         max_model_len=1024,
         seed=0,
         block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        # vLLM needs max_num_seqs <= max_num_batched_tokens; four prompts run here.
+        max_num_seqs=min(16, args.max_num_batched_tokens or 16),
+        enable_chunked_prefill=args.max_num_batched_tokens is not None or None,
         distributed_executor_backend="uni",
         additional_config=json.loads(args.additional_config),
     )

@@ -75,7 +75,7 @@ def test_think_stage_end_grows_the_cap_and_stops_eviction(
 
 @pytest.mark.parametrize("rule", ["boundary", "utilisation"])
 def test_adaptive_budgets_fit_the_uniform_cap(tiny_model_fp32, rule, offline_generate) -> None:
-    """crystal moves budget every 4 steps, in whole 16-entry head-blocks, inside the blocks
+    """crystal moves budget every 4 steps, in whole 32-entry head-blocks, inside the blocks
     a uniform budget is granted (the scheduler grants no slack block): the engine runs to
     the end with debug_checks on and really reallocates."""
     policy_config = {
@@ -88,7 +88,35 @@ def test_adaptive_budgets_fit_the_uniform_cap(tiny_model_fp32, rule, offline_gen
         "floor_ratio": 0.0,
     }
     config = {"kv_policy": "crystal", "kv_budget": 24, "kv_policy_config": policy_config}
-    result = offline_generate(tiny_model_fp32, config, "--block-size", "16", "--max-tokens", "64")
+    result = offline_generate(tiny_model_fp32, config, "--block-size", "32", "--max-tokens", "64")
     stats = result["stats"]
     assert stats["reallocations"] > 0 and stats["evictions"] > 0
     assert all(len(tokens) == 64 for tokens in result["tokens"])
+
+
+def test_chunked_prefill_is_token_identical_at_a_large_budget(
+    tiny_model_fp32, vanilla_tokens, offline_generate
+) -> None:
+    """Prompts prefilled in chunks of 16 tokens (each chunk attends over the entries the
+    earlier ones left) give vanilla's greedy tokens when nothing is evicted."""
+    result = offline_generate(
+        tiny_model_fp32,
+        {"kv_policy": "crystal", "kv_budget": 4096},
+        "--max-num-batched-tokens",
+        "16",
+    )
+    assert result["stats"]["evictions"] == 0
+    assert result["tokens"] == vanilla_tokens
+
+
+@pytest.mark.parametrize("prompt", ["keep", "compress", "evict"])
+def test_chunked_prefill_with_a_small_budget_keeps_the_invariants(
+    tiny_model_fp32, prompt, offline_generate
+) -> None:
+    policy_config = {"debug_checks": True, "prompt": prompt, "prompt_budget": 8}
+    config = {"kv_policy": "crystal", "kv_budget": 16, "kv_policy_config": policy_config}
+    args = ("--block-size", "32", "--max-tokens", "48", "--max-num-batched-tokens", "16")
+    result = offline_generate(tiny_model_fp32, config, *args)
+    stats = result["stats"]
+    assert stats["evictions"] + stats["prefill_evictions"] > 0
+    assert all(len(tokens) == 48 for tokens in result["tokens"])

@@ -68,8 +68,6 @@ SYMBOLS = [
     ("vllm.config", "CacheConfig.enable_prefix_caching"),
     ("vllm.config", "CacheConfig.block_size"),
     ("vllm.config", "CacheConfig.user_specified_block_size"),
-    ("vllm.config", "SchedulerConfig.enable_chunked_prefill"),
-    ("vllm.config", "SchedulerConfig.max_num_batched_tokens"),
     ("vllm.config", "SchedulerConfig.max_num_seqs"),
     ("vllm.config", "SchedulerConfig.scheduler_cls"),
     ("vllm.config", "ParallelConfig.worker_cls"),

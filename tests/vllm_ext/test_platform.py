@@ -136,11 +136,19 @@ def test_a_policy_gets_small_blocks_unless_the_user_sets_them(tiny_model) -> Non
     assert chosen.cache_config.block_size == 64
 
 
-def test_compression_turns_off_prefix_caching_and_chunked_prefill(tiny_model) -> None:
+def test_compression_turns_off_prefix_caching_and_keeps_chunked_prefill(tiny_model) -> None:
+    vanilla = _engine_config(tiny_model)
     config = _engine_config(tiny_model, kv_policy="crystal", kv_budget=64)
     assert not config.cache_config.enable_prefix_caching
-    assert not config.scheduler_config.enable_chunked_prefill
-    assert config.scheduler_config.max_num_batched_tokens >= 512
+    # Chunked prefill is left as vLLM configured it (each chunk is compressed on arrival).
+    assert (
+        config.scheduler_config.enable_chunked_prefill
+        == vanilla.scheduler_config.enable_chunked_prefill
+    )
+    assert (
+        config.scheduler_config.max_num_batched_tokens
+        == vanilla.scheduler_config.max_num_batched_tokens
+    )
     assert config.parallel_config.worker_cls == crystal_platform.WORKER_CLS
     assert config.scheduler_config.scheduler_cls == crystal_platform.SCHEDULER_CLS
     assert config.additional_config["kv_budget"] == 64
