@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from vllm.engine.arg_utils import EngineArgs
 from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -152,3 +154,44 @@ def test_compression_turns_off_prefix_caching_and_keeps_chunked_prefill(tiny_mod
     assert config.parallel_config.worker_cls == crystal_platform.WORKER_CLS
     assert config.scheduler_config.scheduler_cls == crystal_platform.SCHEDULER_CLS
     assert config.additional_config["kv_budget"] == 64
+
+
+def _parse_with_engine_args(argv: list[str]):
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    crystal_platform.add_cli_args(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("flags_first", [True, False])
+def test_flags_reach_processes_that_rebuild_the_config_from_the_arguments(
+    flags_first: bool,
+) -> None:
+    """The API servers of --api-server-count N rebuild the config from the parsed
+    arguments (EngineArgs.from_cli_args) without running our flag actions: the flags must
+    be in additional_config, whatever the order of --additional-config."""
+    flags = ["--kv-policy", "crystal", "--kv-budget", "64", "--kv-policy-config", '{"lam": 0.5}']
+    other = ["--additional-config", '{"other_plugin": 1}']
+    args = _parse_with_engine_args(flags + other if flags_first else other + flags)
+    # from_cli_args copies every EngineArgs field from the namespace.
+    assert "additional_config" in {f.name for f in dataclasses.fields(EngineArgs)}
+    assert args.additional_config == {
+        "other_plugin": 1,
+        "kv_policy": "crystal",
+        "kv_budget": 64,
+        "kv_policy_config": {"lam": 0.5},
+    }
+
+
+@pytest.mark.parametrize("flags_first", [True, False])
+def test_flag_and_additional_config_disagreeing_is_an_argparse_error(flags_first, capsys) -> None:
+    flags = ["--kv-budget", "64"]
+    other = ["--additional-config", '{"kv_budget": 32}']
+    with pytest.raises(SystemExit):
+        _parse_with_engine_args(flags + other if flags_first else other + flags)
+    assert "--kv-budget 64 conflicts with additional_config kv_budget=32" in capsys.readouterr().err
+
+
+def test_bad_policy_config_json_is_an_argparse_error(capsys) -> None:
+    with pytest.raises(SystemExit):
+        _parse_with_engine_args(["--kv-policy-config", "{lam: 1}"])
+    assert "--kv-policy-config '{lam: 1}' is not valid JSON" in capsys.readouterr().err
