@@ -444,9 +444,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = soak_policy(model, policy, settings, log_dir)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "problems"}), flush=True)
-    markdown = report(rows, settings, args.model)
-    payload = {"settings": asdict(settings), "model": args.model, "policies": rows}
-    paths = write_results(args.name or "soak", payload, markdown, results_dir=args.results_dir)
+        # Written after every policy, so that a long run cut short keeps what it measured.
+        markdown = report(rows, settings, args.model)
+        payload = {
+            "settings": asdict(settings),
+            "model": args.model,
+            "policies_planned": args.policies,
+            "policies": rows,
+        }
+        paths = write_results(args.name or "soak", payload, markdown, results_dir=args.results_dir)
     print(markdown)
     print(f"results: {paths.json} {paths.markdown}")
     return 0 if all(row["ok"] for row in rows) else 1
