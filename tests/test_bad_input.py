@@ -26,6 +26,8 @@ BAD_POLICY_VALUES: dict[str, tuple[list, str]] = {
     "hits_before_full": (["maybe", 2, None], "true or false"),
     "time_unit": ([0, -2, 0.5, True, None], ">= 1"),
     "realloc_interval": ([0, -64, 6.4, True, None], ">= 1"),
+    "realloc_rule": (["entropy", 1, None], "boundary, utilisation"),
+    "realloc_move": ([0, -0.1, 1.5, "far", True, None], "(0, 1]"),
     "floor_ratio": ([-0.2, 1.2, "low", None], "[0, 1]"),
     "min_tokens": ([-1, 1.5, True, None], ">= 0"),
     "sinks": ([-4, 0.5, True, None], ">= 0"),
