@@ -310,11 +310,11 @@ def soak_policy(model: Path, policy: str, settings: SoakSettings, log_dir: Path)
         reading = wait_idle(srv.base_url)
         answers = still_answers(srv.base_url, str(model))
         problems = idle_problems(reading)
+        # Read before the server stops: vLLM logs an EngineDeadError while shutting down.
+        log_text = log_path.read_text(errors="replace")
     failed = [o for o in outcomes if o.status == "failed"]
     problems += [f"request failed: {o.error}" for o in failed[:10]]
-    problems += [
-        f"server log: {line}" for line in log_problems(log_path.read_text(errors="replace"))
-    ]
+    problems += [f"server log: {line}" for line in log_problems(log_text)]
     if not answers:
         problems.append("the server did not answer after the drain")
     if reading["preemptions"] == 0:
