@@ -215,6 +215,10 @@ def _unsupported_reasons(vllm_config) -> list[str]:
         reasons.append(
             f"quantised KV cache (--kv-cache-dtype {vllm_config.cache_config.cache_dtype})"
         )
+    # A KV connector (disaggregated prefill, KV offloading, LMCache) moves vLLM's blocks in
+    # vLLM's own layout; ours are per-(layer, KV head) head-blocks with evicted holes.
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        reasons.append("KV transfer/offloading connectors (--kv-transfer-config)")
     parallel = vllm_config.parallel_config
     if parallel.pipeline_parallel_size > 1:
         reasons.append("pipeline parallelism")
