@@ -3,8 +3,8 @@
 Clients stream from ``/v1/completions`` with token-id prompts, ``ignore_eos`` and
 ``return_token_ids`` (so every chunk says how many tokens it carries), and time each
 request from the stream. Meanwhile ``/metrics`` is polled for vLLM's running-requests
-gauge and KV block usage. The KV policy's own counters are not on ``/metrics`` yet: see
-:mod:`benchmarks.common.server`.
+gauge and KV block usage (the KV policy's own ``crystal_kv:*`` metrics are read by
+``benchmarks/soak.py``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A local ``vllm serve`` for a benchmark, and the KV policy's counters from its log.
 
-Over HTTP the policy's counters (evictions, budget reallocations, head-blocks in use) are
-not on ``/metrics`` yet: the server's model runner logs them in one ``crystal-vllm: ...``
-line every ``STATS_LOG_INTERVAL_S`` (on a step) in vLLM's own log, which is parsed here.
+The policy's counters are on ``/metrics`` (``crystal_kv:*``, see ``benchmarks/soak.py``);
+the peak entries per head are only in the ``crystal-vllm: ...`` line the model runner logs
+every ``STATS_LOG_INTERVAL_S`` (on a step) in vLLM's own log, which is parsed here.
 Offline engines read the same counters with ``LLM.collective_rpc("crystal_kv_summary")``.
 """
 

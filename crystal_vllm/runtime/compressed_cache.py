@@ -96,6 +96,9 @@ class CacheSummary:
     head_blocks_in_use: int
     head_blocks_capacity: int
     kept_per_layer: list[int]
+    #: Entries held now, summed over the running requests, layers and KV heads (the mean
+    #: per (layer, KV head) is ``kept_entries / (requests * layers * KV heads)``).
+    kept_entries: int
     #: Peak KV entries per (layer, KV head) of a request over its life (prompt, generated
     #: and buffered entries, the step's new token included): the mean and the largest over
     #: the requests released so far. The memory a policy really used, for fair comparisons.
@@ -645,12 +648,14 @@ class CompressedKVCache:
         if self.policy.keeps_prompt and bool((prompt_held > prompt_bound[:, None, None]).any()):
             raise AssertionError("a head holds more prompt entries than its prompt mode allows")
 
-    def summary(self) -> CacheSummary:
-        """The public counters and occupancy (log line, benchmarks, metrics)."""
+    def summary(self, *, by_layer: bool = True) -> CacheSummary:
+        """The public counters and occupancy (log line, benchmarks, metrics); without
+        ``by_layer`` (every step, for the metrics) ``kept_per_layer`` is left empty, which
+        keeps the call to a few small reductions."""
         rows = sorted(self._rows.values())
         kept = (
             self.state.valid[rows].sum(dim=-1).float().mean(dim=(0, 2)).round().tolist()
-            if rows
+            if rows and by_layer
             else []
         )
         return CacheSummary(
@@ -662,6 +667,7 @@ class CompressedKVCache:
             head_blocks_in_use=int(self.tables.num_head_blocks.sum()),
             head_blocks_capacity=self.layout.num_head_blocks,
             kept_per_layer=[int(k) for k in kept],
+            kept_entries=int(self._held.sum()),
             mean_peak_entries=self.stats.peak_entries_sum / max(self.stats.released_requests, 1),
             max_peak_entries=self.stats.peak_entries_max,
             released_requests=self.stats.released_requests,

@@ -50,12 +50,74 @@ def server_config() -> CrystalKVConfig | None:
     return _server_config
 
 
+#: Namespace attribute holding the crystal-vllm flags given so far (dest -> value).
+_GIVEN_FLAGS_ATTR = "_crystal_kv_flags"
+
+
+def _additional_config_key(dest: str) -> str:
+    return dest if dest.startswith("kv_") else f"kv_{dest}"
+
+
+def _fold_flags(namespace: argparse.Namespace) -> None:
+    """Put the flags given so far into ``namespace.additional_config``.
+
+    Every process that rebuilds the engine config from the parsed arguments reads that
+    field (``AsyncEngineArgs.from_cli_args``), among them the API-server processes of
+    ``--api-server-count N``, which never run this parser. A flag and an
+    ``--additional-config`` entry that disagree are an error.
+    """
+    given = getattr(namespace, _GIVEN_FLAGS_ATTR, None)
+    if not given:
+        return
+    current = getattr(namespace, "additional_config", None)
+    if isinstance(current, str):
+        current = parse_policy_config(current)  # a JSON object, like the flag
+    folded = dict(current or {})
+    for dest, value in given.items():
+        key = _additional_config_key(dest)
+        if key == "kv_policy_config":
+            value = parse_policy_config(value)
+        if key in folded and folded[key] != value:
+            raise ValueError(
+                f"--{key.replace('_', '-')} {value!r} conflicts with additional_config "
+                f"{key}={folded[key]!r}; give it once"
+            )
+        folded[key] = value
+    namespace.additional_config = folded
+
+
 class _StoreForAdditionalConfig(argparse.Action):
-    """Store the flag normally and remember that the user gave it explicitly."""
+    """Store the flag normally, remember that the user gave it explicitly and fold it into
+    ``additional_config`` (see :func:`_fold_flags`)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, values)
         _cli_values[self.dest] = values
+        given = dict(getattr(namespace, _GIVEN_FLAGS_ATTR, None) or {})
+        given[self.dest] = values
+        setattr(namespace, _GIVEN_FLAGS_ATTR, given)
+        try:
+            _fold_flags(namespace)
+        except ValueError as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+
+
+class _KeepsKVFlags(argparse.Action):
+    """Mixed into vLLM's ``--additional-config`` action: a later ``--additional-config``
+    replaces the whole dict, so the crystal-vllm flags given before it are folded in again."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        try:
+            _fold_flags(namespace)
+        except ValueError as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+
+
+def _keep_flags_across_additional_config(parser: argparse.ArgumentParser) -> None:
+    action = parser._option_string_actions.get("--additional-config")
+    if action is not None and not isinstance(action, _KeepsKVFlags):
+        action.__class__ = type("AdditionalConfigKeepsKVFlags", (_KeepsKVFlags, type(action)), {})
 
 
 def policy_config_keys_help() -> str:
@@ -75,6 +137,7 @@ def policy_config_keys_help() -> str:
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     """Add the crystal-vllm flags to ``vllm serve`` (idempotent: vLLM calls it repeatedly)."""
+    _keep_flags_across_additional_config(parser)
     if any("--kv-policy" in action.option_strings for action in parser._actions):
         return
     group = parser.add_argument_group(
@@ -121,7 +184,7 @@ def merge_cli_values(additional_config: dict[str, Any]) -> dict[str, Any]:
     """
     merged = dict(additional_config)
     for dest, value in _cli_values.items():
-        key = dest if dest.startswith("kv_") else f"kv_{dest}"
+        key = _additional_config_key(dest)
         if key == "kv_policy_config":
             value = parse_policy_config(value)
         if key in merged and merged[key] != value:
@@ -152,6 +215,10 @@ def _unsupported_reasons(vllm_config) -> list[str]:
         reasons.append(
             f"quantised KV cache (--kv-cache-dtype {vllm_config.cache_config.cache_dtype})"
         )
+    # A KV connector (disaggregated prefill, KV offloading, LMCache) moves vLLM's blocks in
+    # vLLM's own layout; ours are per-(layer, KV head) head-blocks with evicted holes.
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        reasons.append("KV transfer/offloading connectors (--kv-transfer-config)")
     parallel = vllm_config.parallel_config
     if parallel.pipeline_parallel_size > 1:
         reasons.append("pipeline parallelism")

@@ -31,6 +31,7 @@ from crystal_vllm.runtime import CompressedKVCache, StepRequest
 from crystal_vllm.vllm_ext import get_logger
 from crystal_vllm.vllm_ext.backend import CrystalAttentionMetadataBuilder
 from crystal_vllm.vllm_ext.kv_spec import CrystalAttentionSpec
+from crystal_vllm.vllm_ext.metrics import WorkerStatsReporter, attach_to_output
 
 logger = get_logger(__name__)
 
@@ -50,6 +51,7 @@ class CrystalRunnerMixin:
             max_model_len=self.model_config.max_model_len,
         )
         self.crystal_cache: CompressedKVCache | None = None
+        self._metrics: WorkerStatsReporter | None = None
         self._requested: dict[str, int] = {}
         self._think_ended: set[str] = set()
         self._last_log = time.monotonic()
@@ -95,6 +97,7 @@ class CrystalRunnerMixin:
         )
         for builder in self._crystal_builders():
             builder.bind(self.crystal_cache, layer_index)
+        self._metrics = WorkerStatsReporter(layout.num_layers * layout.num_kv_heads)
         policy_config = self.crystal_budgets.policy.config
         full_length = -(-self.model_config.max_model_len // spec.block_size)
         usable = kv_cache_config.num_blocks - 1  # vLLM keeps one null block
@@ -174,11 +177,24 @@ class CrystalRunnerMixin:
 
     def execute_model(self, scheduler_output, intermediate_tensors=None):
         try:
-            return super().execute_model(scheduler_output, intermediate_tensors)
+            output = super().execute_model(scheduler_output, intermediate_tensors)
         finally:
             if self.crystal_cache is not None and self.crystal_cache.in_step:
                 self.crystal_cache.end_step()
                 self._maybe_log_stats()
+        # Not None when there was nothing to run (vLLM then skips sample_tokens).
+        return self._with_metrics(output)
+
+    def sample_tokens(self, grammar_output):
+        return self._with_metrics(super().sample_tokens(grammar_output))
+
+    def _with_metrics(self, output):
+        """The step's output carrying the cache's metrics to the scheduler
+        (:mod:`crystal_vllm.vllm_ext.metrics`)."""
+        if self.crystal_cache is None or self._metrics is None:
+            return output
+        cache, reporter = self.crystal_cache, self._metrics
+        return attach_to_output(output, lambda: reporter.report(cache.summary(by_layer=False)))
 
     def _maybe_log_stats(self) -> None:
         now = time.monotonic()

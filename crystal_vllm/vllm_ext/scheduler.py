@@ -14,6 +14,11 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from crystal_vllm.budget import BudgetRule, requested_budget
 from crystal_vllm.config import CrystalKVConfig
 from crystal_vllm.vllm_ext.kv_spec import CrystalKVCacheManager
+from crystal_vllm.vllm_ext.metrics import (
+    KVStepStats,
+    attach_to_scheduler_stats,
+    stats_of_output,
+)
 
 
 class CrystalScheduler(Scheduler):
@@ -32,6 +37,7 @@ class CrystalScheduler(Scheduler):
         ]
         self._requested: dict[str, tuple[int, int]] = {}  # (kv_budget, prompt tokens)
         self._think_ended: set[str] = set()
+        self._kv_stats: KVStepStats | None = None  # the workers' stats not yet sent
 
     def _set_cap(self, request_id: str) -> None:
         rule = self.crystal_budgets
@@ -59,6 +65,18 @@ class CrystalScheduler(Scheduler):
             self._think_ended.add(request_id)
             self._set_cap(request_id)
         return new_token_ids, stopped
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        step_stats = stats_of_output(model_runner_output)
+        if step_stats is not None:
+            pending = self._kv_stats
+            self._kv_stats = step_stats if pending is None else pending.merged(step_stats)
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        # vLLM attaches its stats to one front end's outputs (when stats are on); ours go
+        # along with them, or wait for the next step's.
+        if self._kv_stats is not None and attach_to_scheduler_stats(outputs, self._kv_stats):
+            self._kv_stats = None
+        return outputs
 
     def _free_blocks(self, request) -> None:
         super()._free_blocks(request)

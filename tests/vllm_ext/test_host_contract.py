@@ -169,6 +169,27 @@ SYMBOLS = [
     ("vllm.entrypoints.llm", "LLM.collective_rpc"),
     ("vllm.v1.serial_utils", "run_method"),
     ("vllm.v1.worker.worker_base", "WorkerWrapperBase.__getattr__"),
+    # Flags reaching the API-server processes (platform.py): the namespace field they
+    # rebuild the config from, and the --additional-config action that replaces it.
+    ("vllm.engine.arg_utils", "EngineArgs.additional_config"),
+    ("vllm.engine.arg_utils", "EngineArgs.from_cli_args"),
+    # Metrics (metrics.py, runner_mixin.py, scheduler.py): worker output -> scheduler ->
+    # SchedulerStats -> front-end stat logger plugin.
+    ("vllm.v1.outputs", "ModelRunnerOutput"),
+    ("vllm.v1.outputs", "EMPTY_MODEL_RUNNER_OUTPUT"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.sample_tokens"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.update_from_output"),
+    ("vllm.v1.engine", "EngineCoreOutputs.scheduler_stats"),
+    ("vllm.v1.metrics.stats", "SchedulerStats.num_kv_fetch_reqs_by_stage"),
+    ("vllm.v1.metrics.loggers", "AggregateStatLoggerBase"),
+    ("vllm.v1.metrics.loggers", "StatLoggerManager"),
+    ("vllm.v1.serial_utils", "MsgpackEncoder"),
+    ("vllm.v1.serial_utils", "MsgpackDecoder"),
+    ("vllm.plugins", "STAT_LOGGER_PLUGINS_GROUP"),
+    ("vllm.config", "ModelConfig.served_model_name"),
+    ("vllm.config", "ModelConfig.get_num_layers"),
+    ("vllm.config", "ModelConfig.get_total_num_kv_heads"),
+    ("vllm.config", "CacheConfig.num_gpu_blocks"),
 ]
 
 #: Parameter names (``self``/``cls`` left out) of the vLLM functions the plugin overrides
@@ -308,6 +329,24 @@ SIGNATURES = {
     ("vllm.v1.sample.logits_processor", "LogitsProcessor.update_state"): ("batch_update",),
     ("vllm.entrypoints.llm", "LLM.collective_rpc"): ("method", "timeout", "args", "kwargs"),
     ("vllm.v1.serial_utils", "run_method"): ("obj", "method", "args", "kwargs"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.sample_tokens"): ("grammar_output",),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.update_from_output"): (
+        "scheduler_output",
+        "model_runner_output",
+    ),
+    ("vllm.v1.metrics.loggers", "AggregateStatLoggerBase.__init__"): (
+        "vllm_config",
+        "engine_indexes",
+    ),
+    ("vllm.v1.metrics.loggers", "StatLoggerBase.record"): (
+        "scheduler_stats",
+        "iteration_stats",
+        "mm_cache_stats",
+        "engine_idx",
+    ),
+    ("vllm.v1.metrics.loggers", "StatLoggerBase.log_engine_initialized"): (),
+    ("vllm.config", "ModelConfig.get_num_layers"): ("parallel_config",),
+    ("vllm.config", "ModelConfig.get_total_num_kv_heads"): (),
 }
 
 #: Methods of the shared runner mixin that are crystal-vllm's own, not overrides.
@@ -317,6 +356,7 @@ RUNNER_OWN = {
     "_maybe_log_stats",
     "_request_budget",
     "_scheduled_requests",
+    "_with_metrics",
 }
 
 #: Each crystal-vllm subclass of a vLLM class (module, name), and the methods it may
@@ -341,6 +381,7 @@ OVERRIDERS = [
     ("crystal_vllm.vllm_ext.model_runner", "CrystalCPUWorker", {"crystal_kv_summary"}),
     ("crystal_vllm.vllm_ext.model_runner", "CrystalCPUModelRunner", RUNNER_OWN),
     ("crystal_vllm.vllm_ext.request_params", "KVRequestValidator", set()),
+    ("crystal_vllm.vllm_ext.metrics", "CrystalKVStatLogger", set()),
     ("crystal_vllm.vllm_ext.backend_cuda", "CrystalCudaAttentionImpl", set()),
     ("crystal_vllm.vllm_ext.backend_cuda", "CrystalCudaAttentionBackend", set()),
     ("crystal_vllm.vllm_ext.model_runner_cuda", "CrystalGPUWorker", {"crystal_kv_summary"}),
@@ -508,6 +549,23 @@ def test_logits_processor_entry_point_is_installed() -> None:
 
     entry_points = importlib.metadata.entry_points(group=LOGITSPROCS_GROUP)
     assert "crystal_vllm" in {ep.name for ep in entry_points}
+
+
+def test_stat_logger_entry_point_is_installed() -> None:
+    """The metrics' front-end half (needs `make install` after pyproject.toml changed)."""
+    from vllm.plugins import STAT_LOGGER_PLUGINS_GROUP
+
+    entry_points = importlib.metadata.entry_points(group=STAT_LOGGER_PLUGINS_GROUP)
+    assert "crystal_vllm" in {ep.name for ep in entry_points}
+
+
+def test_scheduler_stats_carry_a_dict_of_ints() -> None:
+    """metrics.py sends its numbers as extra ``str -> int`` entries of this field, the
+    only free-form one that crosses vLLM's typed msgpack decoding of SchedulerStats."""
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    field = {f.name: f for f in dataclasses.fields(SchedulerStats)}["num_kv_fetch_reqs_by_stage"]
+    assert str(field.type).replace(" ", "") == "dict[str,int]", field.type
 
 
 def test_collective_rpc_reaches_worker_methods() -> None:

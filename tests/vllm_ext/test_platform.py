@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from vllm.engine.arg_utils import EngineArgs
 from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -152,3 +154,110 @@ def test_compression_turns_off_prefix_caching_and_keeps_chunked_prefill(tiny_mod
     assert config.parallel_config.worker_cls == crystal_platform.WORKER_CLS
     assert config.scheduler_config.scheduler_cls == crystal_platform.SCHEDULER_CLS
     assert config.additional_config["kv_budget"] == 64
+
+
+def _parse_with_engine_args(argv: list[str]):
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    crystal_platform.add_cli_args(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("flags_first", [True, False])
+def test_flags_reach_processes_that_rebuild_the_config_from_the_arguments(
+    flags_first: bool,
+) -> None:
+    """The API servers of --api-server-count N rebuild the config from the parsed
+    arguments (EngineArgs.from_cli_args) without running our flag actions: the flags must
+    be in additional_config, whatever the order of --additional-config."""
+    flags = ["--kv-policy", "crystal", "--kv-budget", "64", "--kv-policy-config", '{"lam": 0.5}']
+    other = ["--additional-config", '{"other_plugin": 1}']
+    args = _parse_with_engine_args(flags + other if flags_first else other + flags)
+    # from_cli_args copies every EngineArgs field from the namespace.
+    assert "additional_config" in {f.name for f in dataclasses.fields(EngineArgs)}
+    assert args.additional_config == {
+        "other_plugin": 1,
+        "kv_policy": "crystal",
+        "kv_budget": 64,
+        "kv_policy_config": {"lam": 0.5},
+    }
+
+
+@pytest.mark.parametrize("flags_first", [True, False])
+def test_flag_and_additional_config_disagreeing_is_an_argparse_error(flags_first, capsys) -> None:
+    flags = ["--kv-budget", "64"]
+    other = ["--additional-config", '{"kv_budget": 32}']
+    with pytest.raises(SystemExit):
+        _parse_with_engine_args(flags + other if flags_first else other + flags)
+    assert "--kv-budget 64 conflicts with additional_config kv_budget=32" in capsys.readouterr().err
+
+
+def test_bad_policy_config_json_is_an_argparse_error(capsys) -> None:
+    with pytest.raises(SystemExit):
+        _parse_with_engine_args(["--kv-policy-config", "{lam: 1}"])
+    assert "--kv-policy-config '{lam: 1}' is not valid JSON" in capsys.readouterr().err
+
+
+def _fake_vllm_config(**changes):
+    """A stand-in for the VllmConfig fields ``_unsupported_reasons`` reads, vanilla values."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(
+        use_mla=False,
+        get_sliding_window=lambda: None,
+        is_hybrid=False,
+        is_encoder_decoder=False,
+    )
+    config = SimpleNamespace(
+        model_config=model,
+        speculative_config=None,
+        kv_transfer_config=None,
+        cache_config=SimpleNamespace(cache_dtype="auto"),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=1),
+    )
+    for path, value in changes.items():
+        target = config
+        *parents, name = path.split("__")
+        for parent in parents:
+            target = getattr(target, parent)
+        setattr(target, name, value)
+    return config
+
+
+def test_a_vanilla_configuration_has_nothing_to_refuse() -> None:
+    assert crystal_platform._unsupported_reasons(_fake_vllm_config()) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"speculative_config": object()}, "speculative decoding"),
+        ({"model_config__use_mla": True}, "MLA attention models"),
+        ({"model_config__get_sliding_window": lambda: 4096}, "sliding-window attention"),
+        ({"model_config__is_hybrid": True}, "hybrid (Mamba/linear-attention) models"),
+        ({"model_config__is_encoder_decoder": True}, "encoder-decoder models"),
+        (
+            {"cache_config__cache_dtype": "fp8_e4m3"},
+            "quantised KV cache (--kv-cache-dtype fp8_e4m3)",
+        ),
+        ({"kv_transfer_config": object()}, "KV transfer/offloading connectors"),
+        ({"parallel_config__pipeline_parallel_size": 2}, "pipeline parallelism"),
+    ],
+)
+def test_each_feature_the_eviction_path_cannot_honour_is_named(change, reason) -> None:
+    (found,) = crystal_platform._unsupported_reasons(_fake_vllm_config(**change))
+    assert reason in found
+
+
+def test_refusal_names_the_policy_and_the_way_out(tiny_model) -> None:
+    args = EngineArgs(
+        model=str(tiny_model),
+        enforce_eager=True,
+        max_model_len=512,
+        kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"},
+        additional_config={"kv_policy": "h2o"},
+    )
+    with pytest.raises(ValueError, match=r"--kv-policy 'h2o' does not support KV transfer.*"):
+        args.create_engine_config()
+    # The message ends with what to do instead.
+    with pytest.raises(ValueError, match="use --kv-policy none for this configuration"):
+        args.create_engine_config()
