@@ -2,9 +2,9 @@
 
 Clients stream from ``/v1/completions`` with token-id prompts, ``ignore_eos`` and
 ``return_token_ids`` (so every chunk says how many tokens it carries), and time each
-request from the stream. Meanwhile ``/metrics`` is polled for vLLM's running-requests
-gauge and KV block usage (the KV policy's own ``crystal_kv:*`` metrics are read by
-``benchmarks/soak.py``).
+request from the stream. Meanwhile ``/metrics`` is polled for vLLM's running- and
+waiting-requests gauges and KV block usage (:func:`poll_metrics`, also used with other
+clients; the KV policy's own ``crystal_kv:*`` metrics are read by ``benchmarks/soak.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from benchmarks.common.engine_runs import RequestTiming
 
 RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
 KV_USAGE = "vllm:kv_cache_usage_perc"
 CACHE_INFO = "vllm:cache_config_info"
 
@@ -43,16 +44,17 @@ class ServerGauges:
 
     running: float
     kv_usage: float  # fraction of the usable KV blocks in use
+    waiting: float = 0.0  # queued in the scheduler (preempted ones included)
 
     @classmethod
     def parse(cls, text: str) -> ServerGauges:
         values = {}
-        for name in (RUNNING, KV_USAGE):
+        for name in (RUNNING, KV_USAGE, WAITING):
             samples = metric_samples(text, name)
             if not samples:
                 raise ValueError(f"the server's /metrics has no {name}")
             values[name] = sum(value for _, value in samples)
-        return cls(running=values[RUNNING], kv_usage=values[KV_USAGE])
+        return cls(running=values[RUNNING], kv_usage=values[KV_USAGE], waiting=values[WAITING])
 
 
 def server_num_blocks(text: str) -> int | None:
@@ -113,9 +115,11 @@ async def stream_completion(
     return timing
 
 
-async def _poll_metrics(
+async def poll_metrics(
     http, url: str, interval: float, t0: float, stop: asyncio.Event, out: list
 ) -> None:
+    """Append ``(seconds since t0, ServerGauges)`` to ``out`` every ``interval`` seconds
+    until ``stop`` is set (``http``: an ``httpx.AsyncClient``, ``url``: /metrics)."""
     while not stop.is_set():
         response = await http.get(url)
         response.raise_for_status()
@@ -171,7 +175,7 @@ async def run_load(
 
         t0 = time.perf_counter()
         poller = asyncio.create_task(
-            _poll_metrics(http, f"{base_url}/metrics", poll_interval, t0, stop, gauges)
+            poll_metrics(http, f"{base_url}/metrics", poll_interval, t0, stop, gauges)
         )
         try:
             await asyncio.gather(*(client_loop() for _ in range(min(concurrency, len(prompts)))))

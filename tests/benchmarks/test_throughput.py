@@ -225,7 +225,7 @@ vllm:cache_config_info{block_size="32",engine="0",num_gpu_blocks="145"} 1.0
 
 
 def test_server_gauges_parse() -> None:
-    assert ServerGauges.parse(METRICS) == ServerGauges(running=3.0, kv_usage=0.75)
+    assert ServerGauges.parse(METRICS) == ServerGauges(running=3.0, kv_usage=0.75, waiting=5.0)
     assert server_num_blocks(METRICS) == 145
     two_engines = METRICS.replace(
         'vllm:num_requests_running{engine="0",model_name="m"} 3.0',
