@@ -93,6 +93,10 @@ class KVPolicy(ABC):
     needs_keys: ClassVar[bool] = False
     #: ``observe`` does anything; when False the caller may skip computing probabilities.
     needs_attention: ClassVar[bool] = True
+    #: Model-wide index of the first KV head this policy's states hold: a tensor-parallel
+    #: rank holds a slice of the heads (the runner sets it). Only choices that depend on
+    #: a head's identity read it (``random``), so they match a single-worker run.
+    first_kv_head: int = 0
 
     def __init__(self, config: Any | None = None) -> None:
         config = config if config is not None else self.config_cls()

@@ -223,6 +223,7 @@ class RandomPolicy(KVPolicy):
     ) -> None:
         super().insert(state, rows, new, positions, prefill=prefill)
         heads = torch.arange(new.shape[2], device=new.device).view(1, 1, -1, 1)
+        heads = heads + self.first_kv_head
         masked_update(state.rank, rows, new, uniform_rank(self.config.seed, positions, heads))
 
     def _select_victims(

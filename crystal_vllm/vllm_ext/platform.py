@@ -219,11 +219,31 @@ def _unsupported_reasons(vllm_config) -> list[str]:
     # vLLM's own layout; ours are per-(layer, KV head) head-blocks with evicted holes.
     if getattr(vllm_config, "kv_transfer_config", None) is not None:
         reasons.append("KV transfer/offloading connectors (--kv-transfer-config)")
-    parallel = vllm_config.parallel_config
+    return reasons + _unsupported_parallelism(vllm_config.parallel_config)
+
+
+def _unsupported_parallelism(parallel) -> list[str]:
+    """Parallel layouts the per-head cache path does not handle.
+
+    Tensor parallelism works: each rank holds, attends over and evicts its own KV heads
+    (docs/serving.md, "Tensor parallelism"). Pipeline stages, context parallelism (a
+    request's KV split by token across ranks, so one head's entries would live on several
+    ranks) and data parallelism (several schedulers, never run with a policy) do not.
+    """
+    reasons = []
     if parallel.pipeline_parallel_size > 1:
-        reasons.append("pipeline parallelism")
-    if parallel.tensor_parallel_size > 1:
-        reasons.append("tensor parallelism")
+        size = parallel.pipeline_parallel_size
+        reasons.append(f"pipeline parallelism (--pipeline-parallel-size {size}; only 1)")
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        size = getattr(parallel, name)
+        if size > 1:
+            flag = "--" + name.replace("_", "-")
+            reasons.append(f"context parallelism ({flag} {size}; only 1)")
+    if parallel.data_parallel_size > 1:
+        reasons.append(
+            f"data parallelism (--data-parallel-size {parallel.data_parallel_size}; only 1, "
+            "tensor parallelism is supported)"
+        )
     return reasons
 
 

@@ -15,6 +15,11 @@ vLLM's own runner. The runner owns the step lifecycle of its
 - step end: after the forward pass (``execute_model``), reallocation and checks;
 - release: a request's rows go back when it finishes, is aborted or is preempted.
 None of this depends on the device: the runtime dispatches to the ops of the pool's device.
+
+Under tensor parallelism every rank runs this runner over its own KV heads (vLLM's spec
+reports the rank's heads): it holds, attends over and evicts them, and reallocates
+adaptive budgets among them only (docs/serving.md, "Tensor parallelism"). Nothing here
+talks to the other ranks.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from crystal_vllm.budget import BudgetRule, requested_budget
@@ -37,6 +43,23 @@ logger = get_logger(__name__)
 
 #: Seconds between two log lines with the cache counters (like vLLM's own stats line).
 STATS_LOG_INTERVAL_S = 10.0
+
+
+def first_kv_head(total_kv_heads: int, tp_size: int, tp_rank: int) -> int:
+    """Model-wide index of the first KV head tensor-parallel rank ``tp_rank`` holds.
+
+    vLLM splits the KV heads evenly when ``tp_size`` divides them, and otherwise (more
+    ranks than KV heads) gives each rank one head, replicated over ``tp_size //
+    total_kv_heads`` consecutive ranks; ``tp_rank * total_kv_heads // tp_size`` is both.
+    """
+    if not 0 <= tp_rank < tp_size:
+        raise ValueError(f"tensor-parallel rank {tp_rank} is outside [0, {tp_size})")
+    if total_kv_heads % tp_size and tp_size % total_kv_heads:
+        raise ValueError(
+            f"{total_kv_heads} KV heads cannot be split over {tp_size} tensor-parallel ranks "
+            "(one must divide the other)"
+        )
+    return tp_rank * total_kv_heads // tp_size
 
 
 class CrystalRunnerMixin:
@@ -55,6 +78,8 @@ class CrystalRunnerMixin:
         self._requested: dict[str, int] = {}
         self._think_ended: set[str] = set()
         self._last_log = time.monotonic()
+        #: " (TP rank r/n)" in the stats line when several ranks log their own counters.
+        self._crystal_rank_label = ""
 
     # -- KV-cache spec and allocation ---------------------------------------------------
 
@@ -85,6 +110,11 @@ class CrystalRunnerMixin:
         )
         raw = self.kv_caches[0]
         cap = spec.max_blocks_per_request
+        tp_size, tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        total_kv_heads = self.model_config.get_total_num_kv_heads()
+        self.crystal_budgets.policy.first_kv_head = first_kv_head(total_kv_heads, tp_size, tp_rank)
+        if tp_size > 1:
+            self._crystal_rank_label = f" (TP rank {tp_rank}/{tp_size})"
         self.crystal_cache = CompressedKVCache(
             self.crystal_budgets.policy,
             layout,
@@ -105,7 +135,8 @@ class CrystalRunnerMixin:
             "crystal-vllm: policy %s, budget %d per (layer, KV head), prompt %s "
             "(prompt_budget %d); a request holds at most %d blocks of %d tokens (its longest "
             "prompt and the largest budget); %d such requests fit in %d blocks, against %d "
-            "full-length (%d-token) ones; %d layers x %d KV heads",
+            "full-length (%d-token) ones; %d layers x %d KV heads (heads %d-%d of %d, "
+            "tensor-parallel rank %d of %d)",
             self.crystal_config.policy,
             self.crystal_config.budget,
             policy_config.prompt,
@@ -118,6 +149,11 @@ class CrystalRunnerMixin:
             self.model_config.max_model_len,
             layout.num_layers,
             layout.num_kv_heads,
+            self.crystal_budgets.policy.first_kv_head,
+            self.crystal_budgets.policy.first_kv_head + layout.num_kv_heads - 1,
+            total_kv_heads,
+            tp_rank,
+            tp_size,
         )
 
     def _crystal_builders(self) -> list[CrystalAttentionMetadataBuilder]:
@@ -203,9 +239,10 @@ class CrystalRunnerMixin:
         self._last_log = now
         summary = self.crystal_cache.summary()
         logger.info(
-            "crystal-vllm: %d running, %d evictions, %d budget reallocations, %d head-blocks "
+            "crystal-vllm%s: %d running, %d evictions, %d budget reallocations, %d head-blocks "
             "in use; mean kept entries per (layer, KV head) by layer: %s; peak entries per "
             "(layer, KV head): mean %.2f over %d released requests, max %.1f",
+            self._crystal_rank_label,
             summary.requests,
             summary.total_evictions,
             summary.reallocations,
