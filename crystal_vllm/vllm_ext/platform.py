@@ -291,7 +291,11 @@ class CrystalPlatformMixin:
         merged = merge_cli_values(dict(vllm_config.additional_config or {}))
         config = CrystalKVConfig.from_additional_config(merged)
         if config.enabled:
-            reasons = _unsupported_reasons(vllm_config) + _unsupported_policy_options(config)
+            reasons = (
+                _unsupported_reasons(vllm_config)
+                + cls._unsupported_on_platform(vllm_config)
+                + _unsupported_policy_options(config)
+            )
             if reasons:
                 raise ValueError(
                     f"--kv-policy {config.policy!r} does not support {', '.join(reasons)}; "
@@ -307,6 +311,11 @@ class CrystalPlatformMixin:
         super().check_and_update_config(vllm_config)
         if config.enabled:
             cls._pick_block_size(vllm_config.cache_config)
+
+    @classmethod
+    def _unsupported_on_platform(cls, vllm_config) -> list[str]:
+        """Combinations this platform cannot serve with a policy (none in general)."""
+        return []
 
     #: The block size a policy gets unless ``--block-size`` says otherwise (None: vLLM's).
     policy_block_size: ClassVar[int | None] = None
@@ -384,3 +393,14 @@ class CrystalCpuPlatform(CrystalPlatformMixin, CpuPlatform):
 
     # vLLM's CPU attention backend (which ours extends) takes multiples of 32.
     policy_block_size = 32
+
+    @classmethod
+    def _unsupported_on_platform(cls, vllm_config) -> list[str]:
+        # vLLM 0.32's CPU platform has no Ray device key and its Ray executor schedules
+        # workers by accelerator ids, so Ray fails later anyway: say so before loading.
+        if vllm_config.parallel_config.use_ray:
+            return [
+                "--distributed-executor-backend ray on CPU (vLLM 0.32's CPU platform has no "
+                "Ray support; use mp, the default, or a CUDA machine)"
+            ]
+        return []
