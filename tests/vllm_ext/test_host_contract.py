@@ -73,6 +73,14 @@ SYMBOLS = [
     ("vllm.config", "ParallelConfig.worker_cls"),
     ("vllm.config", "ParallelConfig.pipeline_parallel_size"),
     ("vllm.config", "ParallelConfig.tensor_parallel_size"),
+    ("vllm.config", "ParallelConfig.data_parallel_size"),
+    ("vllm.config", "ParallelConfig.decode_context_parallel_size"),
+    ("vllm.config", "ParallelConfig.prefill_context_parallel_size"),
+    ("vllm.config", "ParallelConfig.use_ray"),
+    # Tensor parallelism: the runner's rank and the model-wide KV heads.
+    ("vllm.distributed", "get_tensor_model_parallel_rank"),
+    ("vllm.distributed", "get_tensor_model_parallel_world_size"),
+    ("vllm.config", "ModelConfig.get_total_num_kv_heads"),
     ("vllm.config", "CompilationConfig.mode"),
     ("vllm.config", "CompilationConfig.cudagraph_mode"),
     ("vllm.config", "CompilationConfig.max_cudagraph_capture_size"),
@@ -366,7 +374,7 @@ OVERRIDERS = [
     (
         "crystal_vllm.vllm_ext.platform",
         "CrystalCpuPlatform",
-        {"_configure_for_compression", "_pick_block_size"},
+        {"_configure_for_compression", "_pick_block_size", "_unsupported_on_platform"},
     ),
     ("crystal_vllm.vllm_ext.kv_spec", "CrystalAttentionSpec", set()),
     (
@@ -587,3 +595,14 @@ def test_vllm_resolves_our_platform() -> None:
     from vllm.platforms import current_platform
 
     assert type(current_platform).__name__ == "CrystalCpuPlatform"
+
+
+def test_every_rank_must_report_the_same_spec() -> None:
+    """Tensor parallelism relies on vLLM refusing workers whose KV-cache specs differ, so
+    every rank's ``CrystalAttentionSpec`` carries the same block cap."""
+    import inspect
+
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
+
+    source = inspect.getsource(get_kv_cache_configs)
+    assert "merged_kv_cache_specs[layer_name] == layer_spec" in source

@@ -106,7 +106,14 @@ def test_bad_values_refuse_to_build_the_engine_config(tiny_model, additional, me
     ("engine_kwargs", "policy_config", "reason"),
     [
         ({"kv_cache_dtype": "fp8"}, {}, "quantised KV cache"),
-        ({"pipeline_parallel_size": 2}, {}, "pipeline parallelism"),
+        ({"pipeline_parallel_size": 2}, {}, r"pipeline parallelism \(--pipeline-parallel-size 2"),
+        ({"data_parallel_size": 2}, {}, r"data parallelism \(--data-parallel-size 2"),
+        (
+            {"tensor_parallel_size": 4, "decode_context_parallel_size": 2},
+            {},
+            r"context parallelism \(--decode-context-parallel-size 2",
+        ),
+        ({"distributed_executor_backend": "ray"}, {}, r"--distributed-executor-backend ray on CPU"),
         ({}, {"hits_before_full": False}, "hits_before_full=false"),
     ],
 )
@@ -212,7 +219,13 @@ def _fake_vllm_config(**changes):
         speculative_config=None,
         kv_transfer_config=None,
         cache_config=SimpleNamespace(cache_dtype="auto"),
-        parallel_config=SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=1),
+        parallel_config=SimpleNamespace(
+            pipeline_parallel_size=1,
+            tensor_parallel_size=1,
+            data_parallel_size=1,
+            decode_context_parallel_size=1,
+            prefill_context_parallel_size=1,
+        ),
     )
     for path, value in changes.items():
         target = config
@@ -225,6 +238,8 @@ def _fake_vllm_config(**changes):
 
 def test_a_vanilla_configuration_has_nothing_to_refuse() -> None:
     assert crystal_platform._unsupported_reasons(_fake_vllm_config()) == []
+    tensor_parallel = _fake_vllm_config(parallel_config__tensor_parallel_size=4)
+    assert crystal_platform._unsupported_reasons(tensor_parallel) == []
 
 
 @pytest.mark.parametrize(
@@ -241,6 +256,8 @@ def test_a_vanilla_configuration_has_nothing_to_refuse() -> None:
         ),
         ({"kv_transfer_config": object()}, "KV transfer/offloading connectors"),
         ({"parallel_config__pipeline_parallel_size": 2}, "pipeline parallelism"),
+        ({"parallel_config__data_parallel_size": 2}, "data parallelism"),
+        ({"parallel_config__prefill_context_parallel_size": 2}, "context parallelism"),
     ],
 )
 def test_each_feature_the_eviction_path_cannot_honour_is_named(change, reason) -> None:
@@ -261,3 +278,27 @@ def test_refusal_names_the_policy_and_the_way_out(tiny_model) -> None:
     # The message ends with what to do instead.
     with pytest.raises(ValueError, match="use --kv-policy none for this configuration"):
         args.create_engine_config()
+
+
+def test_tensor_parallelism_is_accepted_with_a_policy(tiny_model) -> None:
+    config = EngineArgs(
+        model=str(tiny_model),
+        enforce_eager=True,
+        max_model_len=512,
+        tensor_parallel_size=2,
+        additional_config={"kv_policy": "crystal", "kv_budget": 64},
+    ).create_engine_config()
+    assert config.parallel_config.tensor_parallel_size == 2
+    assert config.parallel_config.worker_cls == crystal_platform.WORKER_CLS
+
+
+def test_first_kv_head_splits_or_replicates_like_vllm() -> None:
+    from crystal_vllm.vllm_ext.runner_mixin import first_kv_head
+
+    assert [first_kv_head(8, 4, r) for r in range(4)] == [0, 2, 4, 6]  # 2 heads per rank
+    assert [first_kv_head(2, 4, r) for r in range(4)] == [0, 0, 1, 1]  # each head on 2 ranks
+    assert first_kv_head(2, 1, 0) == 0
+    with pytest.raises(ValueError, match=r"rank 2 is outside \[0, 2\)"):
+        first_kv_head(4, 2, 2)
+    with pytest.raises(ValueError, match="6 KV heads cannot be split over 4"):
+        first_kv_head(6, 4, 0)
