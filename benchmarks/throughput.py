@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-num-seqs", type=cli.positive_int, default=64, help="running requests at most (64)"
     )
     parser.add_argument(
+        "--tensor-parallel-size",
+        type=cli.positive_int,
+        default=1,
+        help="tensor-parallel workers (default 1); each holds its share of the KV heads and "
+        "of the KV memory, so the block count is the same as with 1. On a CPU machine vLLM "
+        "also needs VLLM_CPU_OMP_THREADS_BIND (e.g. '0|1')",
+    )
+    parser.add_argument(
         "--concurrency",
         type=cli.positive_int,
         help="http mode: streaming clients in flight at once (default: --num-requests)",
@@ -333,6 +341,12 @@ def main(argv: list[str] | None = None) -> None:
             f"--prompt-len {args.prompt_len} + --output-len {args.output_len} = {seq_len} "
             f"tokens exceeds the model's {geometry.max_context}-token context"
         )
+    tp = args.tensor_parallel_size
+    if geometry.num_kv_heads % tp:
+        parser.error(
+            f"--tensor-parallel-size {tp} is invalid for this model: it must divide its "
+            f"{geometry.num_kv_heads} KV heads"
+        )
     block_bytes = geometry.block_bytes(args.block_size)
     blocks_per_request = -(-seq_len // args.block_size)
     num_blocks = int(args.memory_requests * blocks_per_request + 1)  # + vLLM's null block
@@ -341,8 +355,11 @@ def main(argv: list[str] | None = None) -> None:
     shared = {
         "block_size": args.block_size,
         "num_blocks": num_blocks,
-        "kv_bytes": num_blocks * block_bytes,
-        "engine": er.engine_settings(seq_len, args.block_size, args.max_num_seqs),
+        # Per worker: a tensor-parallel rank holds 1/tp of every block (its KV heads).
+        "kv_bytes": num_blocks * block_bytes // tp,
+        "engine": er.engine_settings(
+            seq_len, args.block_size, args.max_num_seqs, tensor_parallel_size=tp
+        ),
     }
     started = time.perf_counter()
     results = []
@@ -381,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.mode} mode, model {args.model}, {args.num_requests} requests x "
         f"({args.prompt_len} prompt + {args.output_len} generated) tokens"
         + (f", {concurrency} concurrent streaming clients" if args.mode == "http" else "")
+        + (f", tensor parallel {tp}" if tp > 1 else "")
         + f", ignore_eos, greedy, eager, bf16, block size {args.block_size}, "
         f"no prefix caching, no chunked prefill, max {args.max_num_seqs} running, KV memory "
         f"{num_blocks - 1} blocks = {(num_blocks - 1) * block_bytes / 2**20:.1f} MiB "

@@ -198,6 +198,7 @@ def engine_settings(
     block_size: int | None = None,
     max_num_seqs: int | None = None,
     dtype: str = "bfloat16",
+    tensor_parallel_size: int = 1,
 ) -> dict[str, Any]:
     """Engine arguments every side of a comparison shares (offline ``LLM`` keywords; a
     size left None is vLLM's default).
@@ -216,6 +217,8 @@ def engine_settings(
         "enable_chunked_prefill": False,
         "max_num_batched_tokens": max(max_model_len, max_num_seqs or 0),
         "seed": 0,
+        # Only when above 1, so single-worker runs keep the flags they always had.
+        "tensor_parallel_size": tensor_parallel_size if tensor_parallel_size > 1 else None,
     }
     return {key: value for key, value in settings.items() if value is not None}
 
@@ -465,7 +468,10 @@ class Engine:
             model=spec["model"],
             **spec["engine"],
             kv_cache_memory_bytes=spec.get("kv_bytes"),
-            distributed_executor_backend="uni",
+            # Tensor-parallel ranks are worker processes; one worker stays in this process.
+            distributed_executor_backend="mp"
+            if spec["engine"].get("tensor_parallel_size", 1) > 1
+            else "uni",
             additional_config=policy_config(
                 spec["policy"], spec["budget"], spec.get("policy_config")
             ),
@@ -511,7 +517,11 @@ class Engine:
         whose worker has no such method."""
         if self.policy == "none":
             return None
-        (summary,) = self.llm.collective_rpc("crystal_kv_summary")
+        summary, *others = self.llm.collective_rpc("crystal_kv_summary")
+        # Tensor-parallel ranks each count their own KV heads: add the counters up.
+        for rank in others:
+            for key in ("evictions", "prefill_evictions", "reallocations", "head_blocks_in_use"):
+                summary[key] += rank[key]
         return summary
 
     def evictions(self) -> int | None:

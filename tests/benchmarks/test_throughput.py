@@ -107,6 +107,19 @@ def test_too_long_requests_are_refused(capsys: pytest.CaptureFixture, tiny_model
     assert "4200 tokens exceeds the model's 4096-token context" in capsys.readouterr().err
 
 
+def test_tensor_parallel_size_must_divide_the_kv_heads(capsys, tiny_model) -> None:
+    with pytest.raises(SystemExit):
+        tp.main(["--model", str(tiny_model), "--tensor-parallel-size", "3"])
+    err = capsys.readouterr().err
+    assert "--tensor-parallel-size 3 is invalid for this model: it must divide its 2 KV" in err
+
+
+def test_tensor_parallel_size_reaches_the_engine_flags() -> None:
+    assert "tensor_parallel_size" not in engine_settings(512, 32, 8)
+    flags = cli_flags(engine_settings(512, 32, 8, tensor_parallel_size=2))
+    assert flags[flags.index("--tensor-parallel-size") + 1] == "2"
+
+
 # -- settings, prompts, bytes --------------------------------------------------------------
 
 
