@@ -185,3 +185,18 @@ def test_backend_selection_follows_the_policy(platform_cuda, tiny_model) -> None
         assert cls.get_attn_backend_cls(None, None) == platform_cuda.CUDA_BACKEND_CLS
     with set_current_vllm_config(_config(tiny_model)):
         assert cls.get_attn_backend_cls(None, None) == default
+
+
+def test_tensor_parallel_and_ray_are_accepted_on_cuda(platform_cuda, tiny_model) -> None:
+    """The CUDA platform shares the parallel checks; Ray is refused only on CPU."""
+    cls = platform_cuda.CrystalCudaPlatform
+    config = _config(tiny_model, kv_policy="crystal")
+    config.parallel_config.tensor_parallel_size = 2
+    config.parallel_config.distributed_executor_backend = "ray"
+    assert cls._unsupported_on_platform(config) == []
+    assert crystal_platform.CrystalCpuPlatform._unsupported_on_platform(config) != []
+    assert crystal_platform._unsupported_reasons(config) == []
+    config.parallel_config.pipeline_parallel_size = 2
+    assert crystal_platform._unsupported_reasons(config) == [
+        "pipeline parallelism (--pipeline-parallel-size 2; only 1)"
+    ]
