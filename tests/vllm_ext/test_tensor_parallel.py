@@ -50,19 +50,24 @@ def test_tp2_is_token_identical_to_tp1_above_every_length(tiny_model_fp32, offli
     assert _total(two, "head_blocks_in_use") == _total(one, "head_blocks_in_use")
 
 
-@pytest.mark.parametrize(("policy", "prompt"), [("crystal", "compress"), ("snapkv", "evict")])
+@pytest.mark.parametrize(("policy", "prompt"), [("crystal", "keep"), ("snapkv", "evict")])
 def test_tp2_small_budget_evicts_and_keeps_the_invariants(
     tiny_model_fp32, offline_generate, policy, prompt
 ) -> None:
     policy_config = {"debug_checks": True, "prompt": prompt, "prompt_budget": 8}
     if policy == "snapkv":
         policy_config["buffer"] = 8
+    budget = 16
     if policy == "crystal":
         # The default boundary rule moves budget only between the heads of one layer, and
-        # here a rank has one KV head per layer: the utilisation rule also moves it
-        # between layers, so a rank really reallocates.
-        policy_config.update(realloc_interval=8, realloc_rule="utilisation")
-    config = {"kv_policy": policy, "kv_budget": 16, "kv_policy_config": policy_config}
+        # here a rank has one KV head per layer: the utilisation rule also moves it between
+        # layers. Budgets move in whole head-blocks: the kept prompts leave room in them
+        # (as test_eviction_engine.py's adaptive-budget test).
+        policy_config.update(
+            realloc_interval=4, realloc_rule="utilisation", min_tokens=1, floor_ratio=0.0
+        )
+        budget = 24
+    config = {"kv_policy": policy, "kv_budget": budget, "kv_policy_config": policy_config}
     result = offline_generate(
         tiny_model_fp32, config, *_tp(2, "--block-size", "32", "--max-tokens", "64")
     )
