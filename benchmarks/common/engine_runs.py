@@ -181,12 +181,12 @@ def kv_bytes_held(
     return peak_head_blocks * geometry.head_block_bytes(block_size)
 
 
-def model_geometry(name: str) -> tuple[Path, KVGeometry, int]:
-    """The model's folder (a bundled one is built on first use), KV geometry and vocabulary
-    size (for :func:`prompt_tokens`)."""
+def model_geometry(name: str, dtype: str = "bfloat16") -> tuple[Path, KVGeometry, int]:
+    """The model's folder in ``dtype`` (a bundled one is built on first use), KV geometry
+    and vocabulary size (for :func:`prompt_tokens`)."""
     from transformers import AutoTokenizer
 
-    model = resolve_model(name)
+    model = resolve_model(name, dtype)
     return model, KVGeometry.from_model_dir(model), AutoTokenizer.from_pretrained(model).vocab_size
 
 
