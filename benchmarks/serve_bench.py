@@ -629,7 +629,7 @@ def main(argv: list[str] | None = None) -> None:
     setting = (
         f"model {args.model}, `vllm bench serve` random dataset, {args.num_requests} requests x "
         f"({args.prompt_len} prompt + {args.output_len} output) tokens, --ignore-eos, greedy, "
-        f"max concurrency {concurrency}, seed {args.seed}; every server: eager, bf16, block "
+        f"max concurrency {concurrency}, seed {args.seed}; every server: eager, {args.dtype}, block "
         f"size {args.block_size}, no prefix caching, no chunked prefill, max-num-seqs "
         f"{max_num_seqs}, max-model-len {max_model_len}, --num-gpu-blocks-override "
         f"{num_blocks} (= {num_blocks * args.block_size} tokens = {kv_mib:.1f} MiB of KV, "
