@@ -629,8 +629,8 @@ def main(argv: list[str] | None = None) -> None:
     setting = (
         f"model {args.model}, `vllm bench serve` random dataset, {args.num_requests} requests x "
         f"({args.prompt_len} prompt + {args.output_len} output) tokens, --ignore-eos, greedy, "
-        f"max concurrency {concurrency}, seed {args.seed}; every server: eager, {args.dtype}, block "
-        f"size {args.block_size}, no prefix caching, no chunked prefill, max-num-seqs "
+        f"max concurrency {concurrency}, seed {args.seed}; every server: eager, {args.dtype}, "
+        f"block size {args.block_size}, no prefix caching, no chunked prefill, max-num-seqs "
         f"{max_num_seqs}, max-model-len {max_model_len}, --num-gpu-blocks-override "
         f"{num_blocks} (= {num_blocks * args.block_size} tokens = {kv_mib:.1f} MiB of KV, "
         f"{usable} usable blocks = {usable / _cdiv(seq_len, args.block_size):.2f} full-length "
