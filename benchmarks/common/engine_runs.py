@@ -29,7 +29,7 @@ PROGRESS_TAG = "PROGRESS "
 KV_USAGE = "vllm:kv_cache_usage_perc"
 RESULT_TAG = "RESULT "
 
-#: Bytes per K or V element: every side runs bf16.
+#: Bytes per K or V element in bf16, the benchmarks' default dtype (KVGeometry.dtype_bytes).
 DTYPE_BYTES = 2
 
 Case = tuple[str, int | None]
@@ -134,15 +134,17 @@ def _json_object(text: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class KVGeometry:
-    """What sizes a model's KV cache: layers, KV heads, head size, longest context."""
+    """What sizes a model's KV cache: layers, KV heads, head size, longest context, and
+    bytes per element of the dtype the engines run in."""
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
     max_context: int
+    dtype_bytes: int = DTYPE_BYTES
 
     @classmethod
-    def from_model_dir(cls, model_dir: Path) -> KVGeometry:
+    def from_model_dir(cls, model_dir: Path, dtype: str = "bfloat16") -> KVGeometry:
         config = json.loads((Path(model_dir) / "config.json").read_text())
         heads = config["num_attention_heads"]
         return cls(
@@ -150,11 +152,12 @@ class KVGeometry:
             num_kv_heads=config.get("num_key_value_heads", heads),
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
             max_context=config["max_position_embeddings"],
+            dtype_bytes=4 if dtype == "float32" else DTYPE_BYTES,
         )
 
     def head_block_bytes(self, block_size: int) -> int:
         """One (layer, KV head) slice of a block: ``block_size`` K and V vectors."""
-        return block_size * self.head_dim * 2 * DTYPE_BYTES
+        return block_size * self.head_dim * 2 * self.dtype_bytes
 
     def block_bytes(self, block_size: int) -> int:
         """One vLLM block: a head-block for every layer and KV head."""
@@ -187,7 +190,8 @@ def model_geometry(name: str, dtype: str = "bfloat16") -> tuple[Path, KVGeometry
     from transformers import AutoTokenizer
 
     model = resolve_model(name, dtype)
-    return model, KVGeometry.from_model_dir(model), AutoTokenizer.from_pretrained(model).vocab_size
+    geometry = KVGeometry.from_model_dir(model, dtype)
+    return model, geometry, AutoTokenizer.from_pretrained(model).vocab_size
 
 
 # -- engine settings and prompts -----------------------------------------------------------

@@ -485,3 +485,9 @@ def test_script_runs_as_a_file() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "--memory-requests" in out.stdout
+
+
+def test_kv_geometry_counts_the_dtype_bytes(tiny_model) -> None:
+    bf16 = KVGeometry.from_model_dir(tiny_model)
+    fp32 = KVGeometry.from_model_dir(tiny_model, "float32")
+    assert fp32.block_bytes(32) == 2 * bf16.block_bytes(32)
