@@ -72,18 +72,24 @@ def _fold_flags(namespace: argparse.Namespace) -> None:
     current = getattr(namespace, "additional_config", None)
     if isinstance(current, str):
         current = parse_policy_config(current)  # a JSON object, like the flag
-    folded = dict(current or {})
-    for dest, value in given.items():
+    namespace.additional_config = _merge_flags(current or {}, given)
+
+
+def _merge_flags(additional_config: dict[str, Any], flags: dict[str, Any]) -> dict[str, Any]:
+    """``additional_config`` with ``flags`` (argparse dest -> value) folded in; a flag and
+    an entry that disagree are an error rather than a silent precedence rule."""
+    merged = dict(additional_config)
+    for dest, value in flags.items():
         key = _additional_config_key(dest)
         if key == "kv_policy_config":
             value = parse_policy_config(value)
-        if key in folded and folded[key] != value:
+        if key in merged and merged[key] != value:
             raise ValueError(
                 f"--{key.replace('_', '-')} {value!r} conflicts with additional_config "
-                f"{key}={folded[key]!r}; give it once"
+                f"{key}={merged[key]!r}; give it once"
             )
-        folded[key] = value
-    namespace.additional_config = folded
+        merged[key] = value
+    return merged
 
 
 class _StoreForAdditionalConfig(argparse.Action):
@@ -177,23 +183,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def merge_cli_values(additional_config: dict[str, Any]) -> dict[str, Any]:
-    """``additional_config`` with this process's explicit flags folded in.
-
-    A flag and an ``--additional-config`` entry that disagree are an error rather
-    than a silent precedence rule.
-    """
-    merged = dict(additional_config)
-    for dest, value in _cli_values.items():
-        key = _additional_config_key(dest)
-        if key == "kv_policy_config":
-            value = parse_policy_config(value)
-        if key in merged and merged[key] != value:
-            raise ValueError(
-                f"--{key.replace('_', '-')} {value!r} conflicts with additional_config "
-                f"{key}={merged[key]!r}; give it once"
-            )
-        merged[key] = value
-    return merged
+    """``additional_config`` with this process's explicit flags folded in (see
+    :func:`_merge_flags`)."""
+    return _merge_flags(additional_config, _cli_values)
 
 
 def _unsupported_reasons(vllm_config) -> list[str]:
