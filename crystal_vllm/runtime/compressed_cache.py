@@ -567,9 +567,9 @@ class CompressedKVCache:
                     h_idx, order[h_idx, j]
                 ]
         self.state.step[row] = scratch.step[0]
-        rows = torch.tensor([row], device=key.device)
-        counted = self.policy.counted(self.state, rows)[0, layer]
-        self._protected[row, layer] = (self.state.valid[row, layer] & ~counted).sum(dim=-1)
+        # The scratch holds exactly what the layer now holds (in other slots).
+        counted = self.policy.counted(scratch, torch.zeros_like(scratch.step))
+        self._protected[row, layer] = (scratch.valid & ~counted)[0, 0].sum(dim=-1)
 
     # -- adaptive budgets (Algorithm 2) ---------------------------------------------------
 

@@ -37,25 +37,29 @@ def _make_cache(
     policy_name: str, budget: int, num_blocks: int = 64, prompt: str = "evict", max_prompt=20
 ):
     policy = make_policy(policy_name, _policy_params(policy_name, prompt))
-    layout = HeadBlockLayout(
-        num_blocks=num_blocks, num_layers=L, num_kv_heads=H, block_size=BS, head_dim=D
-    )
-    pool = torch.zeros(layout.num_head_blocks, 2, BS, D)
     resident = policy.max_resident(budget) + policy.prompt_kept(max_prompt)
     if policy_name == "full":
         resident = 64
-    cap = math.ceil(min(resident, 64) / BS) + (1 if policy.adaptive_budgets else 0)
-    cache = CompressedKVCache(
+    # No slack for adaptive budgets: they stay within the uniform budget's head-blocks.
+    cap = math.ceil(min(resident, 64) / BS)
+    return _cache_for(policy, cap, num_blocks=num_blocks, max_rows=4), cap
+
+
+def _cache_for(policy, cap: int, *, num_blocks: int, max_rows: int) -> CompressedKVCache:
+    """A cache whose heads hold at most ``cap`` head-blocks, with debug_checks on."""
+    layout = HeadBlockLayout(
+        num_blocks=num_blocks, num_layers=L, num_kv_heads=H, block_size=BS, head_dim=D
+    )
+    return CompressedKVCache(
         policy,
         layout,
-        pool,
-        max_rows=4,
+        torch.zeros(layout.num_head_blocks, 2, BS, D),
+        max_rows=max_rows,
         max_slots=cap * BS,
         max_blocks_per_row=cap,
         scale=SCALE,
         debug_checks=True,
     )
-    return cache, cap
 
 
 def _dense_attention(q, k, v):
@@ -316,19 +320,9 @@ def test_adaptive_budgets_move_without_leaving_budget_unused(prompt_mode: str, r
         "realloc_move": 0.3,
     }
     policy = make_policy("crystal", params)
-    layout = HeadBlockLayout(num_blocks=64, num_layers=L, num_kv_heads=H, block_size=BS, head_dim=D)
     # No slack: adaptive budgets stay within the head-blocks of the uniform budget.
     cap = math.ceil((policy.max_resident(budget) + policy.prompt_kept(prompt)) / BS)
-    cache = CompressedKVCache(
-        policy,
-        layout,
-        torch.zeros(layout.num_head_blocks, 2, BS, D),
-        max_rows=2,
-        max_slots=cap * BS,
-        max_blocks_per_row=cap,
-        scale=SCALE,
-        debug_checks=True,
-    )
+    cache = _cache_for(policy, cap, num_blocks=64, max_rows=2)
     blocks = list(range(1, 1 + cap))
     cache.begin_step([StepRequest("r", prompt, 0, prompt, blocks, budget)])
     for layer in range(L):
