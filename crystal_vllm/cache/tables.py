@@ -11,9 +11,14 @@ Invariants (checked by :meth:`HeadBlockTables.check_invariants`):
 
 * a head's table is dense: entries ``0 .. n-1`` are head-block ids, the rest ``-1``, where
   ``n = num_head_blocks[row, layer, head]``; the head's slots are ``0 .. n * bs - 1``;
-* no head-block is attached twice, and every attached head-block belongs to a vLLM block
-  granted to the same row;
-* the pool of a row is exactly its owned head-blocks that are not attached.
+* no owned head-block is attached twice, and every attached head-block belongs to a vLLM
+  block granted to the same row;
+* the pool of a row is exactly its owned head-blocks that are not attached;
+* a row's first ``num_borrowed`` grants are *borrowed*: full prompt blocks another request
+  wrote, shared through vLLM's prefix cache. They are attached to every head at once, in
+  vLLM's own layout (head ``(l, h)`` holds ``(granted[j], l, h)`` at position ``j``), never
+  pooled, never released into a pool and never owned by the row (their writer, if still
+  running, owns them).
 
 Occupancy (which slots hold a live entry) is owned by the caller's ``valid`` mask
 ``[max_rows, L, H, max_head_blocks * bs]``; functions that need it take it as an argument.
@@ -26,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from crystal_vllm import ops
 from crystal_vllm.cache.layout import HeadBlockLayout
@@ -120,6 +126,9 @@ class HeadBlockTables:
         self.granted = torch.full((max_rows, max_blocks_per_row), -1, dtype=torch.int32, device=dev)
         self.num_granted = torch.zeros(max_rows, dtype=torch.int32, device=dev)
         self.block_owner = torch.full((lay.num_blocks,), -1, dtype=torch.long, device=dev)
+        # Leading grants of each row that are borrowed, and how many rows borrow each block.
+        self.num_borrowed = torch.zeros(max_rows, dtype=torch.int32, device=dev)
+        self.borrowers = torch.zeros(lay.num_blocks, dtype=torch.long, device=dev)
         # True for head-blocks owned by some row and in its pool (not attached).
         self.in_pool = torch.zeros(lay.num_head_blocks, dtype=torch.bool, device=dev)
         self.pool_size = torch.zeros(max_rows, dtype=torch.long, device=dev)
@@ -159,6 +168,8 @@ class HeadBlockTables:
             raise ValueError(
                 f"add_blocks: block id {int(new.max())} out of range [0, {self.layout.num_blocks})"
             )
+        # A block may be borrowed by other rows already: its writer is granted it in the
+        # step that writes it, and a reader may come first in that step's batch.
         if new.unique().numel() != new.numel() or bool((self.block_owner[new] >= 0).any()):
             raise ValueError("add_blocks: a block is granted twice (already owned or repeated)")
         count = mask.sum(1)
@@ -178,6 +189,39 @@ class HeadBlockTables:
         self.pool_size[rows] += count * self.layout.heads_per_block
         self._after_mutation()
 
+    def borrow_blocks(self, row: int, block_ids: Sequence[int] | torch.Tensor) -> None:
+        """A fresh row starts with ``block_ids``: full prompt blocks shared through vLLM's
+        prefix cache, already written in vLLM's layout by the request that computed them.
+
+        Each head gets its own head-block of every one of them, in order, so the row reads
+        the shared entries where their writer put them; nothing is pooled or owned, so no
+        later grant, shrink or release of this row can hand them to a head or a row.
+        """
+        ids = torch.as_tensor(block_ids, dtype=torch.long, device=self.device).reshape(-1)
+        self._check_rows(_as_rows(row, self.device))
+        if int(self.num_granted[row]):
+            raise ValueError(f"borrow_blocks: row {row} already holds blocks")
+        count = ids.numel()
+        if count == 0:
+            return
+        if count > self.max_head_blocks or count > self.max_blocks_per_row:
+            raise ValueError(
+                f"borrow_blocks: {count} blocks exceed a row's "
+                f"{min(self.max_head_blocks, self.max_blocks_per_row)}"
+            )
+        if int(ids.min()) < 0 or int(ids.max()) >= self.layout.num_blocks:
+            raise ValueError(f"borrow_blocks: a block id is out of [0, {self.layout.num_blocks})")
+        if ids.unique().numel() != count:
+            raise ValueError("borrow_blocks: a block is repeated")
+        self.granted[row, :count] = ids.to(torch.int32)
+        self.num_granted[row] = self.num_borrowed[row] = count
+        self.borrowers[ids] += 1
+        self.block_tables[row, :, :, :count] = (
+            self._all_head_blocks(ids).permute(1, 2, 0).to(torch.int32)
+        )
+        self.num_head_blocks[row] = count
+        self._after_mutation()
+
     def release(self, rows: torch.Tensor | Sequence[int]) -> None:
         """Forget ``rows`` (finished, aborted or preempted requests): all blocks go back.
 
@@ -187,11 +231,14 @@ class HeadBlockTables:
         rows = _as_rows(rows, self.device)
         self._check_rows(rows)
         granted = self.granted[rows].long()
-        blocks = granted[granted >= 0]
+        borrowed = self._borrowed_grants(rows)
+        self.borrowers.index_add_(0, granted[borrowed], torch.full_like(granted[borrowed], -1))
+        blocks = granted[(granted >= 0) & ~borrowed]
         self.in_pool[self._all_head_blocks(blocks).reshape(-1)] = False
         self.block_owner[blocks] = -1
         self.granted[rows] = -1
         self.num_granted[rows] = 0
+        self.num_borrowed[rows] = 0
         self.block_tables[rows] = -1
         self.num_head_blocks[rows] = 0
         self.pool_size[rows] = 0
@@ -302,7 +349,9 @@ class HeadBlockTables:
             raise ValueError(f"plan_shrink: keep_head_blocks must be >= 0, got {int(keep.min())}")
         self._check_valid(valid)
         held = self.num_head_blocks[rows].long()
-        kept = torch.minimum(held, keep)
+        # Borrowed head-blocks stay: they hold shared prompt entries that never move.
+        borrowed = self.num_borrowed[rows].long().view(-1, 1, 1)
+        kept = torch.maximum(torch.minimum(held, keep), borrowed)
         live = valid[rows]
         slot = torch.arange(self.num_slots, device=self.device)
         inside = slot < kept.unsqueeze(-1) * self.layout.block_size
@@ -360,13 +409,28 @@ class HeadBlockTables:
         attached = self.block_tables >= 0
         if not torch.equal(attached, position < held.unsqueeze(-1)):
             raise AssertionError("a block table is not dense or disagrees with its count")
-        ids = self.block_tables[attached].long()
+        borrowed_at = position < self.num_borrowed.long().view(-1, 1, 1, 1)
+        borrowed_at = borrowed_at.expand_as(attached)
+        if bool((borrowed_at & ~attached).any()):
+            raise AssertionError("a head lost a borrowed head-block")
+        grant = self.granted[:, : self.max_head_blocks].long().clamp_min(0)
+        canonical = lay.head_block_id(
+            grant.view(self.max_rows, 1, 1, -1),
+            self._layer.view(1, -1, 1, 1),
+            self._head.view(1, 1, -1, 1),
+        )
+        if grant.shape[-1] < self.max_head_blocks:
+            canonical = F.pad(canonical, (0, self.max_head_blocks - grant.shape[-1]), value=-1)
+        if not torch.equal(self.block_tables[borrowed_at].long(), canonical[borrowed_at]):
+            raise AssertionError("a borrowed head-block is not at its position in vLLM's layout")
+        owned = attached & ~borrowed_at
+        ids = self.block_tables[owned].long()
         if ids.unique().numel() != ids.numel():
             raise AssertionError("a head-block is attached to two heads")
         if bool(((ids < 0) | (ids >= lay.num_head_blocks)).any()):
             raise AssertionError("an attached head-block id is out of range")
         row_of = torch.arange(self.max_rows, device=self.device).view(-1, 1, 1, 1)
-        row_of = row_of.expand_as(self.block_tables)[attached]
+        row_of = row_of.expand_as(self.block_tables)[owned]
         block, _, _ = lay.split_head_block_id(ids)
         if not torch.equal(self.block_owner[block], row_of):
             raise AssertionError("a head-block is attached to a row that was not granted it")
@@ -377,11 +441,16 @@ class HeadBlockTables:
         granted_mask = self.granted >= 0
         if not torch.equal(granted_mask, grant_pos < self.num_granted.unsqueeze(-1)):
             raise AssertionError("a grant list is not dense or disagrees with num_granted")
+        borrowed_grants = self._borrowed_grants(torch.arange(self.max_rows, device=self.device))
+        owned_grants = granted_mask & ~borrowed_grants
         owner = torch.full_like(self.block_owner, -1)
         grant_rows = torch.arange(self.max_rows, device=self.device).unsqueeze(-1)
-        owner[self.granted[granted_mask].long()] = grant_rows.expand_as(self.granted)[granted_mask]
+        owner[self.granted[owned_grants].long()] = grant_rows.expand_as(self.granted)[owned_grants]
         if not torch.equal(owner, self.block_owner):
             raise AssertionError("block_owner disagrees with the grant lists")
+        borrowers = torch.bincount(self.granted[borrowed_grants].long(), minlength=lay.num_blocks)
+        if not torch.equal(borrowers, self.borrowers):
+            raise AssertionError("borrowers disagrees with the borrowed grants")
         all_ids = torch.arange(lay.num_head_blocks, device=self.device)
         owner_of_hb = self.block_owner[lay.split_head_block_id(all_ids)[0]]
         if bool((self.in_pool & (owner_of_hb < 0)).any()):
@@ -413,6 +482,11 @@ class HeadBlockTables:
                 f"valid must be a bool tensor of shape [max_rows, L, H, S] = {expected}, "
                 f"got {valid.dtype} {tuple(valid.shape)}"
             )
+
+    def _borrowed_grants(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[b, max_blocks_per_row]``: which grant positions of ``rows`` are borrowed."""
+        position = torch.arange(self.max_blocks_per_row, device=self.device)
+        return position < self.num_borrowed[rows].long().unsqueeze(-1)
 
     def _after_mutation(self) -> None:
         if self.debug:
@@ -469,7 +543,9 @@ class HeadBlockTables:
         # 1. The head's own head-blocks, in grant order.
         grants = self.granted[row].long()  # [n, MBR]
         own = self.layout.head_block_id(grants, li.unsqueeze(-1), hi.unsqueeze(-1))
-        usable = (grants >= 0) & self.in_pool[own.clamp_min(0)]
+        # A borrowed block's head-blocks may sit in its writer's pool: never the row's.
+        owned = (grants >= 0) & ~self._borrowed_grants(row)
+        usable = owned & self.in_pool[own.clamp_min(0)]
         rank = usable.long().cumsum(dim=-1) - 1
         take = usable & (rank < want.unsqueeze(-1))
         n, j = take.nonzero(as_tuple=True)
@@ -485,7 +561,8 @@ class HeadBlockTables:
             uniq, inverse = torch.unique(row_n, return_inverse=True)
             candidates = self._all_head_blocks(self.granted[uniq].long().clamp_min(0))
             candidates = candidates.view(uniq.numel(), -1)  # [u, MBR * L * H]
-            ok = (self.granted[uniq] >= 0).repeat_interleave(self.layout.heads_per_block, dim=1)
+            ok = (self.granted[uniq] >= 0) & ~self._borrowed_grants(uniq)
+            ok = ok.repeat_interleave(self.layout.heads_per_block, dim=1)
             ok &= self.in_pool[candidates]
             per_u = torch.zeros(uniq.numel(), dtype=torch.long, device=self.device)
             per_u.index_add_(0, inverse, count)

@@ -17,10 +17,16 @@ included; docs/algorithm.md §2); LRFU policies
 run it as one fused kernel where the ops offer one. At the end of a step the policy may
 move budgets (:meth:`~crystal_vllm.policy.KVPolicy.end_step`, Algorithm 2 for
 ``crystal``); surplus head-blocks then go back to the request.
-Prefill (never chunked: the platform turns chunked prefill off): causal attention over
-the prompt, then, per layer, a scratch policy state over all prompt tokens is warmed
-with the last ``obs_window`` queries and evicted down to the budget; only the kept
-entries are written to the request's slots.
+A prefill chunk (a whole prompt, or any part of it vLLM schedules) attends over what the
+request holds and, causally, over itself; then, per layer, a scratch policy state over
+both is warmed with the chunk's last ``obs_window`` queries and evicted down to what the
+budget and the prompt mode keep; only the kept entries are written to the request's slots.
+
+With ``share_prompt_blocks`` (vLLM's prefix caching, only under ``prompt: keep``) the
+prompt is written in vLLM's own layout and never moved or overwritten, so its full
+blocks can be shared: a request whose first blocks are prefix-cache hits starts by
+borrowing them (:meth:`~crystal_vllm.cache.HeadBlockTables.borrow_blocks`) and prefills
+only the rest of its prompt.
 """
 
 from __future__ import annotations
@@ -150,9 +156,16 @@ class CompressedKVCache:
         max_slots: int,
         max_blocks_per_row: int,
         scale: float,
+        share_prompt_blocks: bool = False,
         debug_checks: bool = False,
     ) -> None:
+        if share_prompt_blocks and policy.config.prompt != "keep":
+            raise ValueError(
+                f"share_prompt_blocks needs prompt mode 'keep', not {policy.config.prompt!r}: "
+                "only a prompt that is never evicted or compressed can be shared"
+            )
         self.policy = policy
+        self.share_prompt_blocks = share_prompt_blocks
         self.layout = layout
         self.kv_pool = kv_pool
         self.scale = scale
@@ -183,6 +196,9 @@ class CompressedKVCache:
         self._row_budgets: dict[str, int] = {}
         self._num_prompt: dict[str, int] = {}  # prompt entries of each request's prefill
         self._plan: _StepPlan | None = None
+        # debug_checks: a fingerprint of each row's full prompt blocks once written (they
+        # may be shared), which no later step may change.
+        self._sealed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # -- request lifecycle -------------------------------------------------------------
 
@@ -203,23 +219,49 @@ class CompressedKVCache:
         self._blocks_seen.pop(req_id, None)
         self._row_budgets.pop(req_id, None)
         self._num_prompt.pop(req_id, None)
+        self._sealed.pop(row, None)
         self._free_rows.append(row)
 
-    def _row_for(self, request: StepRequest) -> int:
+    def _row_for(self, request: StepRequest) -> tuple[int, bool]:
+        """The request's row and whether it is new (its first chunk: a prefill from
+        scratch, or after prefix-cache hits, whose blocks it borrows first)."""
         if request.is_prefill and request.req_id in self._rows:
             self.release(request.req_id)  # resumed after preemption: vLLM re-prefills
         row = self._rows.get(request.req_id)
-        if row is None:
+        new = row is None
+        if new:
             if not self._free_rows:
                 raise RuntimeError("more running requests than rows (max_num_seqs)")
             row = self._free_rows.pop()
             self._rows[request.req_id] = row
-            self._blocks_seen[request.req_id] = 0
+            self._blocks_seen[request.req_id] = self._borrow_prefix(row, request)
         seen = self._blocks_seen[request.req_id]
         if len(request.block_ids) > seen:
             self.tables.add_blocks(row, list(request.block_ids[seen:]))
             self._blocks_seen[request.req_id] = len(request.block_ids)
-        return row
+        return row, new
+
+    def _borrow_prefix(self, row: int, request: StepRequest) -> int:
+        """A new request that starts with computed tokens has prefix-cache hits: its first
+        blocks hold its first prompt tokens in vLLM's layout. Borrow them (the entries are
+        recorded once the row is reset); returns how many."""
+        computed = request.num_computed_tokens
+        if computed == 0:
+            return 0
+        block_size = self.layout.block_size
+        if not self.share_prompt_blocks:
+            raise RuntimeError(
+                f"request {request.req_id} starts with {computed} computed tokens, but prompt "
+                "blocks are not shared here (prefix caching needs prompt mode 'keep')"
+            )
+        if computed % block_size or computed > request.num_prompt_tokens:
+            raise RuntimeError(
+                f"request {request.req_id}: {computed} prefix-cached tokens are not whole "
+                f"{block_size}-token blocks of its {request.num_prompt_tokens}-token prompt"
+            )
+        count = computed // block_size
+        self.tables.borrow_blocks(row, list(request.block_ids[:count]))
+        return count
 
     # -- step lifecycle -----------------------------------------------------------------
 
@@ -232,8 +274,8 @@ class CompressedKVCache:
         token = 0
         fresh = []
         for request in batch:
-            row = self._row_for(request)
-            if request.is_chunk:
+            row, new = self._row_for(request)
+            if request.is_chunk or new:
                 # A request resumed after preemption is prefilled with its outputs too:
                 # only its first num_prompt_tokens are prompt entries.
                 prefills.append(
@@ -245,8 +287,8 @@ class CompressedKVCache:
                         request.num_prompt_tokens,
                     )
                 )
-                if request.is_prefill:
-                    fresh.append((row, request.budget))
+                if new:
+                    fresh.append((row, request.budget, request.num_computed_tokens))
                     self._row_budgets[request.req_id] = request.budget
                     self._num_prompt[request.req_id] = request.num_prompt_tokens
                     self._set_capacity(row, request.req_id)
@@ -262,7 +304,14 @@ class CompressedKVCache:
             budgets = torch.tensor([f[1] for f in fresh], device=device)
             self.budgets[rows] = self.targets[rows] = budgets[:, None, None]
             self.policy.reset(self.state, rows)
+            for row, _, borrowed in fresh:
+                if borrowed:
+                    self._record_borrowed(row, borrowed)
         if prefills:
+            # A prefix-cache hit may be on blocks that another chunk of this very step
+            # writes (vLLM caches blocks when it schedules them): chunks run in position
+            # order, so that every layer writes a block before any chunk reads it.
+            prefills.sort(key=lambda chunk: chunk.first)
             # Room for every head's kept entries: what it holds plus the chunk, up to the
             # bound of its budget and prompt (the selection never keeps more).
             rows = torch.tensor([c.row for c in prefills], device=device)
@@ -300,6 +349,16 @@ class CompressedKVCache:
             decode_budgets=self._keep(self.budgets[rows]).transpose(0, 1).contiguous(),
             prefills=prefills,
         )
+
+    def _record_borrowed(self, row: int, count: int) -> None:
+        """Record a new row's borrowed prompt entries (slots ``0 .. count - 1`` of every
+        head, at their own positions) as a prefill would: prompt entries, kept whole."""
+        device = self.budgets.device
+        slots = torch.arange(self.max_slots, device=device)
+        new = (slots < count).expand(1, self.layout.num_layers, self.layout.num_kv_heads, -1)
+        rows = torch.tensor([row], device=device)
+        self.policy.insert(self.state, rows, new, slots.expand_as(new), prefill=True)
+        self._protected[row] = count
 
     def _keep(self, budgets: torch.Tensor) -> torch.Tensor:
         """What heads at ``budgets`` keep after a step or a prefill, so that the next
@@ -358,6 +417,8 @@ class CompressedKVCache:
             self.stats.evictions += int(torch.stack(plan.evicted).sum())
         if self.debug_checks:
             self.check_invariants()
+            if self.share_prompt_blocks and plan is not None:
+                self._check_sealed_prompts(plan)
         if plan is None:
             return
         held = self._count_held(plan)
@@ -647,6 +708,36 @@ class CompressedKVCache:
         )
         if self.policy.keeps_prompt and bool((prompt_held > prompt_bound[:, None, None]).any()):
             raise AssertionError("a head holds more prompt entries than its prompt mode allows")
+
+    def _check_sealed_prompts(self, plan: _StepPlan) -> None:
+        """Debug switch, with shared prompt blocks: a row's full prompt blocks sit where
+        vLLM's layout puts them once its prompt is written, and no later step of any row
+        writes into them (their bytes keep the fingerprint taken then)."""
+        bs = self.layout.block_size
+        for chunk in plan.prefills:
+            if chunk.row in self._sealed or chunk.first + chunk.count < chunk.num_prompt:
+                continue
+            full = chunk.num_prompt // bs
+            grants = self.tables.granted[chunk.row, :full].long()
+            layers = torch.arange(self.layout.num_layers, device=grants.device)
+            heads = torch.arange(self.layout.num_kv_heads, device=grants.device)
+            expected = self.layout.head_block_id(
+                grants.view(1, 1, -1), layers.view(-1, 1, 1), heads.view(1, -1, 1)
+            )
+            ids = self.tables.block_tables[chunk.row, :, :, :full].long()
+            if not torch.equal(ids, expected):
+                raise AssertionError("a full prompt block is not where vLLM's layout puts it")
+            self._sealed[chunk.row] = (ids.reshape(-1), self._fingerprint(ids.reshape(-1)))
+        for ids, fingerprint in self._sealed.values():
+            if not torch.equal(self._fingerprint(ids), fingerprint):
+                raise AssertionError("a step wrote into a full prompt block (it may be shared)")
+
+    def _fingerprint(self, head_blocks: torch.Tensor) -> torch.Tensor:
+        """Position-weighted byte sums of head-blocks (debug checks only)."""
+        data = self.kv_pool[head_blocks].reshape(head_blocks.numel(), -1)
+        data = data.contiguous().view(torch.uint8).long()
+        weights = torch.arange(1, data.shape[-1] + 1, device=data.device)
+        return (data * weights).sum(dim=-1)
 
     def summary(self, *, by_layer: bool = True) -> CacheSummary:
         """The public counters and occupancy (log line, benchmarks, metrics); without

@@ -5,6 +5,11 @@ request may hold: like full attention until its resident tokens reach the policy
 bound for its budget, then no more. The caps come from
 :class:`crystal_vllm.budget.BudgetRule`, which the worker applies to the same tokens, so
 the two sides agree without feedback.
+
+Prefix caching (only with ``prompt: keep``, ``shares_prompt_blocks``): the worker writes
+the prompt in vLLM's layout and never touches it again, so the prompt's full blocks are
+offered to vLLM's prefix cache, and no other block: what follows the prompt is entries in
+eviction order, not the tokens its block hash names.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ class CrystalAttentionSpec(FullAttentionSpec):
     """
 
     max_blocks_per_request: int = 0
+    #: Full prompt blocks may be shared through vLLM's prefix cache (prompt mode ``keep``
+    #: and prefix caching on); every other block is private.
+    shares_prompt_blocks: bool = False
 
     @property
     def has_layer_views(self) -> bool:
@@ -31,8 +39,7 @@ class CrystalAttentionSpec(FullAttentionSpec):
 
     @property
     def prefix_cacheable(self) -> bool:
-        # Evicted entries are overwritten in place: a block can never be shared.
-        return False
+        return self.shares_prompt_blocks
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         return min(
@@ -42,12 +49,15 @@ class CrystalAttentionSpec(FullAttentionSpec):
 
     @classmethod
     def merge(cls, specs: list[CrystalAttentionSpec]) -> CrystalAttentionSpec:
-        # FullAttentionSpec.merge rebuilds the object and would drop our field.
+        # FullAttentionSpec.merge rebuilds the object and would drop our fields.
         merged = super().merge(specs)
-        caps = {spec.max_blocks_per_request for spec in specs}
-        if len(caps) != 1:
-            raise ValueError(f"layers of one KV-cache group disagree on the cap: {caps}")
-        return dataclasses.replace(merged, max_blocks_per_request=caps.pop())
+        ours = {(spec.max_blocks_per_request, spec.shares_prompt_blocks) for spec in specs}
+        if len(ours) != 1:
+            raise ValueError(
+                f"layers of one KV-cache group disagree on (cap, shared prompt blocks): {ours}"
+            )
+        cap, shares = ours.pop()
+        return dataclasses.replace(merged, max_blocks_per_request=cap, shares_prompt_blocks=shares)
 
 
 class CrystalKVCacheManager(FullAttentionManager):
@@ -98,6 +108,12 @@ class CrystalKVCacheManager(FullAttentionManager):
             apply_admission_cap=apply_admission_cap,
             prefill_end=prefill_end,
         )
+
+    def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
+        # Only full prompt blocks hold the tokens their hash names (and are never written
+        # again); later blocks hold whatever entries eviction kept.
+        full_prompt = request.num_prompt_tokens // self.block_size * self.block_size
+        super().cache_blocks(request, min(num_tokens, full_prompt), *args, **kwargs)
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
         return super().allocate_new_blocks(

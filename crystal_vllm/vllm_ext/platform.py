@@ -333,9 +333,24 @@ class CrystalPlatformMixin:
     def _configure_for_compression(cls, vllm_config) -> None:
         """Settings the per-head cache path relies on, each logged when it changes."""
         cache_config, scheduler_config = vllm_config.cache_config, vllm_config.scheduler_config
+        prompt = (
+            CrystalKVConfig.from_additional_config(vllm_config.additional_config)
+            .make_policy()
+            .config.prompt
+        )
         if cache_config.enable_prefix_caching:
-            logger.info("crystal-vllm: prefix caching is off (evicted blocks are never shared)")
-            cache_config.enable_prefix_caching = False
+            if prompt == "keep":
+                logger.info(
+                    "crystal-vllm: prefix caching on: full prompt blocks are shared (prompt "
+                    "mode 'keep' never evicts or moves them); generated entries stay private"
+                )
+            else:
+                logger.info(
+                    "crystal-vllm: prefix caching is off: prompt mode %r evicts prompt "
+                    "entries, so prompt blocks are private (prompt mode 'keep' shares them)",
+                    prompt,
+                )
+                cache_config.enable_prefix_caching = False
         # Chunked prefill stays as vLLM configured it: each chunk attends over what the
         # request holds and is compressed with it (docs/serving.md).
         if scheduler_config.scheduler_cls in (None, SCHEDULER_CLS):

@@ -86,6 +86,8 @@ class CrystalRunnerMixin:
     def get_kv_cache_spec(self):
         specs = super().get_kv_cache_spec()
         cap = self.crystal_budgets.max_cap_blocks
+        # The platform leaves prefix caching on only under prompt mode `keep`.
+        shares = bool(self.cache_config.enable_prefix_caching)
         for name, spec in specs.items():
             if type(spec) is not FullAttentionSpec:
                 raise ValueError(
@@ -93,7 +95,9 @@ class CrystalRunnerMixin:
                     "plain full-attention layers"
                 )
             fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)}
-            specs[name] = CrystalAttentionSpec(**fields, max_blocks_per_request=cap)
+            specs[name] = CrystalAttentionSpec(
+                **fields, max_blocks_per_request=cap, shares_prompt_blocks=shares
+            )
         return specs
 
     def initialize_kv_cache(self, kv_cache_config, *args, **kwargs) -> None:
@@ -123,6 +127,7 @@ class CrystalRunnerMixin:
             max_slots=cap * spec.block_size,
             max_blocks_per_row=cap,
             scale=spec.head_size**-0.5,
+            share_prompt_blocks=spec.shares_prompt_blocks,
             debug_checks=self.crystal_config.debug_checks,
         )
         for builder in self._crystal_builders():
@@ -133,7 +138,8 @@ class CrystalRunnerMixin:
         usable = kv_cache_config.num_blocks - 1  # vLLM keeps one null block
         logger.info(
             "crystal-vllm: policy %s, budget %d per (layer, KV head), prompt %s "
-            "(prompt_budget %d); a request holds at most %d blocks of %d tokens (its longest "
+            "(prompt_budget %d; prompt blocks %s); a request holds at most %d blocks of %d "
+            "tokens (its longest "
             "prompt and the largest budget); %d such requests fit in %d blocks, against %d "
             "full-length (%d-token) ones; %d layers x %d KV heads (heads %d-%d of %d, "
             "tensor-parallel rank %d of %d)",
@@ -141,6 +147,7 @@ class CrystalRunnerMixin:
             self.crystal_config.budget,
             policy_config.prompt,
             policy_config.prompt_budget,
+            "shared through the prefix cache" if spec.shares_prompt_blocks else "private",
             cap,
             spec.block_size,
             usable // cap,

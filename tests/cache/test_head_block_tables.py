@@ -217,3 +217,53 @@ def test_inputs_with_wrong_shapes_are_rejected():
         t.assign_slots(torch.tensor([0]), torch.zeros(4, 2, 3, 16, dtype=torch.bool), None)
     with pytest.raises(ValueError, match=r"block_ids must be \[2, k\]"):
         t.add_blocks_batch([0, 1], torch.tensor([1, 2]))
+
+
+def test_borrowed_blocks_sit_in_vllm_layout_and_are_never_pooled():
+    """A reader borrows its writer's first two blocks in the step that grants them to the
+    writer: both rows attach them where vLLM's layout puts them, the reader's growth takes
+    only its own blocks, and releasing either row leaves the other consistent."""
+    t = _tables()
+    valid = _valid(t)
+    writer, reader = [7, 2, 9], [7, 2, 5, 11]
+    t.borrow_blocks(0, reader[:2])  # the reader comes first in the batch
+    t.add_blocks(0, reader[2:])
+    t.add_blocks(1, writer)
+    assert torch.equal(t.block_tables[0, :, :, :2], _vllm_layout(reader, 2))
+    assert t.pool_head_blocks([0]).tolist() == [2 * LAYOUT.heads_per_block]
+    rows = torch.tensor([0, 1])
+    valid[0, :, :, :8] = True  # the borrowed prompt entries
+    slots = t.assign_prefill_slots(rows, torch.tensor([[[2]], [[10]]]).expand(2, 2, 3), valid)
+    valid[0, :, :, 8:10] = True
+    valid[1, :, :, :10] = True
+    assert slots[0, 0, 0, :2].tolist() == [8, 9]
+    assert torch.equal(t.block_tables[0, :, :, :3], _vllm_layout(reader, 3))
+    assert torch.equal(t.block_tables[1, :, :, :3], _vllm_layout(writer, 3))
+    assert t.borrowers[[7, 2]].tolist() == [1, 1]
+    t.check_invariants(valid)
+    # Shrinking (after evicting the reader's own entries) never gives a borrowed
+    # head-block back.
+    valid[0, :, :, 8:] = False
+    t.plan_shrink(torch.tensor([0]), valid, torch.zeros(1, 2, 3, dtype=torch.long))
+    assert torch.equal(t.block_tables[0, :, :, :2], _vllm_layout(reader, 2))
+    t.release([1])
+    valid[1] = False
+    t.check_invariants(valid)
+    assert t.borrowers[[7, 2]].tolist() == [1, 1]
+    t.release([0])
+    assert int(t.borrowers.sum()) == 0 and int(t.num_head_blocks.sum()) == 0
+    t.check_invariants()
+
+
+def test_borrow_blocks_validation():
+    t = _tables()
+    t.add_blocks(0, [3])
+    with pytest.raises(ValueError, match="already holds blocks"):
+        t.borrow_blocks(0, [4])
+    with pytest.raises(ValueError, match="repeated"):
+        t.borrow_blocks(1, [4, 4])
+    with pytest.raises(ValueError, match="out of"):
+        t.borrow_blocks(1, [16])
+    t.borrow_blocks(1, [3])  # owned by row 0 (its writer) is fine
+    with pytest.raises(ValueError, match="granted twice"):
+        t.add_blocks(1, [3])

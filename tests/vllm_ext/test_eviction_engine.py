@@ -120,3 +120,51 @@ def test_chunked_prefill_with_a_small_budget_keeps_the_invariants(
     stats = result["stats"]
     assert stats["evictions"] + stats["prefill_evictions"] > 0
     assert all(len(tokens) == 48 for tokens in result["tokens"])
+
+
+#: Every prompt starts with the same ~200 tokens (whole 32-token blocks of it shared).
+SHARED_PREFIX = ("--block-size", "32", "--shared-prefix", "60", "--max-tokens", "48")
+
+
+def _mean_logprob_gap(a: dict, b: dict) -> float:
+    gaps = [
+        abs(x - y)
+        for xs, ys in zip(a["logprobs"], b["logprobs"], strict=True)
+        for x, y in zip(xs, ys, strict=True)
+    ]
+    return sum(gaps) / len(gaps)
+
+
+def test_prefix_caching_and_chunked_prefill_are_token_identical_at_a_large_budget(
+    tiny_model_fp32, offline_generate
+) -> None:
+    """prompt `keep` shares the full prompt blocks through vLLM's prefix cache: with both
+    prefix caching and 16-token chunks on, crystal gives the tokens of crystal with both
+    off and of vanilla vLLM."""
+    config = {"kv_policy": "crystal", "kv_budget": 4096, "kv_policy_config": {"prompt": "keep"}}
+    both = offline_generate(
+        tiny_model_fp32, config, *SHARED_PREFIX, "--max-num-batched-tokens", "16"
+    )
+    neither = offline_generate(tiny_model_fp32, config, *SHARED_PREFIX, "--prefix-caching", "off")
+    vanilla = offline_generate(tiny_model_fp32, {"kv_policy": "none"}, *SHARED_PREFIX)
+    assert both["prefix_cache"]["hits"] > 0
+    assert neither["prefix_cache"]["hits"] == 0
+    assert both["tokens"] == neither["tokens"] == vanilla["tokens"]
+    assert _mean_logprob_gap(both, neither) < 5e-3
+
+
+def test_prefix_caching_at_a_small_budget_matches_it_off(tiny_model_fp32, offline_generate) -> None:
+    """Budget 16: the requests that hit the cache read the shared prompt blocks and evict
+    only their own entries. debug_checks fingerprint every full prompt block once written
+    and fail the run if any later step writes into one; all blocks are free at the end."""
+    policy_config = {"prompt": "keep", "debug_checks": True}
+    config = {"kv_policy": "crystal", "kv_budget": 16, "kv_policy_config": policy_config}
+    args = (*SHARED_PREFIX, "--max-model-len", "512", "--num-blocks", "18")
+    shared = offline_generate(tiny_model_fp32, config, *args)
+    private = offline_generate(tiny_model_fp32, config, *args, "--prefix-caching", "off")
+    assert shared["prefix_cache"]["hits"] > 0 and private["prefix_cache"]["hits"] == 0
+    assert shared["stats"]["evictions"] > 0
+    assert shared["tokens"] == private["tokens"]
+    # A request reading the wrong entries moves its log-probs by ~0.04 on average here.
+    assert _mean_logprob_gap(shared, private) < 5e-3
+    assert shared["free_blocks"] == shared["usable_blocks"]

@@ -106,6 +106,7 @@ SYMBOLS = [
         "FullAttentionManager.get_num_blocks_to_allocate",
     ),
     ("vllm.v1.core.single_type_kv_cache_manager", "FullAttentionManager.allocate_new_blocks"),
+    ("vllm.v1.core.single_type_kv_cache_manager", "FullAttentionManager.cache_blocks"),
     ("vllm.v1.core.single_type_kv_cache_manager", "FullAttentionManager.block_size"),
     # Scheduler (scheduler.py): the chain scheduler.kv_cache_manager.coordinator
     # .single_type_managers, the hooks it overrides and the Request fields it reads.
@@ -250,6 +251,14 @@ SIGNATURES = {
         "request_id",
         "num_tokens",
         "num_tokens_main_model",
+    ),
+    # Prefix caching under prompt `keep`: the override narrows num_tokens to the prompt's
+    # full blocks and forwards the rest.
+    ("vllm.v1.core.single_type_kv_cache_manager", "FullAttentionManager.cache_blocks"): (
+        "request",
+        "num_tokens",
+        "retention_interval",
+        "replay_boundaries",
     ),
     ("vllm.v1.core.sched.scheduler", "Scheduler.add_request"): ("request",),
     ("vllm.v1.core.sched.scheduler", "Scheduler._update_request_with_output"): (
