@@ -156,10 +156,21 @@ def test_a_policy_gets_small_blocks_unless_the_user_sets_them(tiny_model) -> Non
     assert chosen.cache_config.block_size == 64
 
 
-def test_compression_turns_off_prefix_caching_and_keeps_chunked_prefill(tiny_model) -> None:
+@pytest.mark.parametrize("prompt", ["keep", "compress", "evict"])
+def test_prefix_caching_stays_on_only_for_a_kept_prompt(tiny_model, prompt) -> None:
+    """Only a prompt that is never evicted or compressed can be shared."""
+    vanilla = _engine_config(tiny_model)
+    assert vanilla.cache_config.enable_prefix_caching
+    config = _engine_config(
+        tiny_model, kv_policy="crystal", kv_budget=64, kv_policy_config={"prompt": prompt}
+    )
+    assert config.cache_config.enable_prefix_caching == (prompt == "keep")
+
+
+def test_compression_keeps_chunked_prefill(tiny_model) -> None:
     vanilla = _engine_config(tiny_model)
     config = _engine_config(tiny_model, kv_policy="crystal", kv_budget=64)
-    assert not config.cache_config.enable_prefix_caching
+    assert not config.cache_config.enable_prefix_caching  # crystal compresses its prompt
     # Chunked prefill is left as vLLM configured it (each chunk is compressed on arrival).
     assert (
         config.scheduler_config.enable_chunked_prefill
