@@ -143,10 +143,21 @@ def test_a_reader_attends_over_the_borrowed_prompt_and_never_writes_it(
     torch.testing.assert_close(
         snapshot[..., 0, :, :], prompt_k[:SHARED].permute(1, 2, 0, 3).reshape(L, H, 2, BS, D)
     )
-    for step in range(12):
+    for step in range(16):
         live = ["w", "r"] if step < 8 else ["r"]  # the writer finishes first
         if step == 8:
             cache.release("w")
+        if step == 11:
+            # The reader is preempted, then resumed: vLLM re-prefills its prompt tail and
+            # outputs after the same hits, which it borrows again.
+            cache.release("r")
+            history = (requests.k["r"], requests.v["r"])
+            requests.k["r"], requests.v["r"] = (h[:SHARED] for h in history)
+            resumed = StepRequest(
+                "r", history[0].shape[0] - SHARED, SHARED, PROMPT, reader_blocks, BUDGET
+            )
+            requests.step([resumed], {"r": history[0][SHARED:]}, {"r": history[1][SHARED:]})
+            assert torch.equal(cache.kv_pool[shared], snapshot)
         batch = [
             StepRequest(
                 r,
