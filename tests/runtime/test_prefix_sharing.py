@@ -119,7 +119,8 @@ def test_a_reader_attends_over_the_borrowed_prompt_and_never_writes_it(
     the very step the writer writes them (vLLM caches blocks when it schedules them; the
     reader comes first in the batch). Both then decode at a small budget: every token
     attends exactly over what its heads hold, the reader's heads hold the whole shared
-    prompt, and the shared blocks' bytes never change, through the writer's release too."""
+    prompt, and the shared blocks' bytes never change, through the writer's release and
+    the reader's preemption and resumption too."""
     torch.manual_seed(11)
     cache, cap = _cache(policy_name)
     requests = _Requests(cache)
