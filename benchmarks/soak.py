@@ -44,6 +44,7 @@ from benchmarks.common.cli import (
 from benchmarks.common.http_load import metric_samples
 from benchmarks.common.results import record_table, write_results
 from crystal_vllm.config import policy_names
+from crystal_vllm.policy import PROMPT_MODES
 
 #: Every KV policy (not `none`, which is vanilla vLLM).
 SOAK_POLICIES = policy_names()[1:]
@@ -70,6 +71,19 @@ class SoakSettings:
     max_output: int = 160
     seed: int = 0
     vocab: int = 2000
+    #: Every policy's prompt mode (None: each policy's default). ``keep`` also keeps
+    #: vLLM's prefix caching on, so shared prompt blocks get soaked too.
+    prompt_mode: str | None = None
+    #: Tokens of a prefix that half of the prompts start with (0: none).
+    shared_prefix: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prompt_mode not in (None, *PROMPT_MODES):
+            raise ValueError(f"prompt_mode {self.prompt_mode!r} is not one of {PROMPT_MODES}")
+        if not 0 <= self.shared_prefix < self.max_prompt:
+            raise ValueError(
+                f"shared_prefix {self.shared_prefix} must be in [0, {self.max_prompt - 1}]"
+            )
 
 
 @dataclass(frozen=True)
@@ -98,10 +112,13 @@ class Outcome:
 def make_plans(settings: SoakSettings, rng: random.Random) -> list[RequestPlan]:
     """The requests of one policy's run: lengths, budgets, n, stops and disconnects mixed."""
     plans = []
+    prefix = [rng.randrange(10, settings.vocab) for _ in range(settings.shared_prefix)]
     for _ in range(settings.requests):
         prompt_len = rng.choice(
             [rng.randint(1, 32), rng.randint(33, 256), rng.randint(257, settings.max_prompt)]
         )
+        shared = prefix if prefix and rng.random() < 0.5 else []
+        prompt_len = max(prompt_len, len(shared) + 1)
         room = settings.max_model_len - prompt_len
         max_tokens = max(
             1, min(room, rng.choice([rng.randint(1, 16), rng.randint(17, settings.max_output)]))
@@ -110,7 +127,8 @@ def make_plans(settings: SoakSettings, rng: random.Random) -> list[RequestPlan]:
         disconnect = rng.random() < settings.disconnect_fraction
         plans.append(
             RequestPlan(
-                prompt=[rng.randrange(10, settings.vocab) for _ in range(prompt_len)],
+                prompt=shared
+                + [rng.randrange(10, settings.vocab) for _ in range(prompt_len - len(shared))],
                 max_tokens=max_tokens,
                 kv_budget=rng.randint(1, settings.server_budget),
                 n=n,
@@ -231,6 +249,8 @@ def read_metrics(base_url: str) -> dict[str, float]:
         "evicted_entries": total("crystal_kv:evicted_entries_total"),
         "prefill_evicted_entries": total("crystal_kv:prefill_evicted_entries_total"),
         "budget_reallocations": total("crystal_kv:budget_reallocations_total"),
+        "prefix_cache_queries": total("vllm:prefix_cache_queries_total"),
+        "prefix_cache_hits": total("vllm:prefix_cache_hits_total"),
     }
 
 
@@ -280,6 +300,9 @@ def still_answers(base_url: str, model: str) -> bool:
 
 
 def server_flags(policy: str, settings: SoakSettings) -> list[str]:
+    policy_config: dict[str, Any] = {"debug_checks": True}
+    if settings.prompt_mode is not None:
+        policy_config["prompt"] = settings.prompt_mode
     return [
         "--enforce-eager",
         "--max-model-len",
@@ -291,7 +314,7 @@ def server_flags(policy: str, settings: SoakSettings) -> list[str]:
         "--kv-budget",
         str(settings.server_budget),
         "--kv-policy-config",
-        json.dumps({"debug_checks": True}),
+        json.dumps(policy_config),
     ]
 
 
@@ -321,6 +344,9 @@ def soak_policy(model: Path, policy: str, settings: SoakSettings, log_dir: Path)
         problems.append("vLLM preempted nothing: the KV cache was not small enough")
     if policy != "full" and reading["evicted_entries"] == 0:
         problems.append(f"{policy} evicted nothing")
+    shares = settings.shared_prefix and settings.prompt_mode == "keep"
+    if shares and reading["prefix_cache_hits"] == 0:
+        problems.append("no prefix-cache hit although prompts share a prefix")
     disconnected = sum(o.status == "disconnected" for o in outcomes)
     return {
         "policy": policy,
@@ -337,6 +363,8 @@ def soak_policy(model: Path, policy: str, settings: SoakSettings, log_dir: Path)
         "evicted_entries": reading["evicted_entries"],
         "prefill_evicted_entries": reading["prefill_evicted_entries"],
         "budget_reallocations": reading["budget_reallocations"],
+        "prefix_cache_hits": reading["prefix_cache_hits"],
+        "prefix_cache_queries": reading["prefix_cache_queries"],
         "head_blocks_in_use_after": reading["head_blocks_in_use"],
         "kv_cache_usage_after": reading["kv_cache_usage"],
         "wall_s": wall,
@@ -359,6 +387,7 @@ COLUMNS = [
         "evicted (decode + prefill)",
         lambda r: int(r["evicted_entries"] + r["prefill_evicted_entries"]),
     ),
+    ("prefix-cache hit tokens", lambda r: int(r.get("prefix_cache_hits", 0))),
     ("head-blocks in use after", lambda r: int(r["head_blocks_in_use_after"])),
     ("KV usage after", "kv_cache_usage_after"),
     ("wall s", "wall_s"),
@@ -376,7 +405,14 @@ def report(rows: Sequence[dict[str, Any]], settings: SoakSettings, model: str) -
         f"{settings.server_budget}`, `debug_checks` on; per request a random `kv_budget` in "
         f"[1, {settings.server_budget}], prompts of 1-{settings.max_prompt} tokens, 1-"
         f"{settings.max_output} new tokens, n in {{1, 2, 3}}, stop strings on ~30%, "
-        f"{settings.disconnect_fraction:.0%} of clients disconnecting after 1-8 chunks.",
+        f"{settings.disconnect_fraction:.0%} of clients disconnecting after 1-8 chunks; "
+        f"prompt mode {settings.prompt_mode or 'each policy default'}"
+        + (
+            f", half of the prompts start with the same {settings.shared_prefix} tokens "
+            "(prefix caching on under `keep`)."
+            if settings.shared_prefix
+            else "."
+        ),
         "",
         record_table(rows, COLUMNS, digits=2),
         "Checked after each policy's drain: head-blocks in use and compressed requests 0 on "
@@ -414,12 +450,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         )
     parser.add_argument("--seed", type=int, default=0, help="request mix seed (default 0)")
     parser.add_argument(
+        "--prompt-mode",
+        choices=PROMPT_MODES,
+        default=None,
+        help="every policy's prompt mode (default: each policy's own); keep also keeps "
+        "vLLM's prefix caching on",
+    )
+    parser.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="half of the prompts start with the same TOKENS tokens, so that prefix caching "
+        "shares their blocks under --prompt-mode keep (default 0)",
+    )
+    parser.add_argument(
         "--log-dir", type=Path, default=None, help="server logs (default: a temporary folder)"
     )
     add_output_args(parser, "soak")
     args = parser.parse_args(argv)
     if args.max_model_len <= 32:
         parser.error(f"--max-model-len {args.max_model_len} is invalid: it must be > 32")
+    max_prompt = min(400, args.max_model_len - 16)
+    if not 0 <= args.shared_prefix < max_prompt:
+        parser.error(
+            f"--shared-prefix {args.shared_prefix} is invalid: it must be in "
+            f"[0, {max_prompt - 1}] (the longest prompt is {max_prompt} tokens)"
+        )
     return args
 
 
@@ -435,6 +492,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         num_blocks=args.num_blocks,
         max_prompt=min(400, args.max_model_len - 16),
         seed=args.seed,
+        prompt_mode=args.prompt_mode,
+        shared_prefix=args.shared_prefix,
     )
     model = resolve_model(args.model)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="soak-"))

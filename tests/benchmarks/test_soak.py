@@ -25,6 +25,20 @@ def test_the_mix_has_every_ingredient() -> None:
     assert plans == soak.make_plans(settings, random.Random(0))  # seeded
 
 
+def test_half_of_the_prompts_share_the_prefix() -> None:
+    settings = SoakSettings(requests=400, max_prompt=400, prompt_mode="keep", shared_prefix=96)
+    plans = soak.make_plans(settings, random.Random(0))
+    starts = [tuple(p.prompt[:96]) for p in plans]
+    common = max(set(starts), key=starts.count)
+    assert 0.4 < starts.count(common) / 400 < 0.6
+    assert all(len(p.prompt) > 96 for p in plans if tuple(p.prompt[:96]) == common)
+    assert all(len(p.prompt) + p.max_tokens <= 512 for p in plans)
+    with pytest.raises(ValueError, match="shared_prefix 400"):
+        SoakSettings(max_prompt=400, shared_prefix=400)
+    with pytest.raises(ValueError, match="prompt_mode 'kept'"):
+        SoakSettings(prompt_mode="kept")
+
+
 def _plan(**changes) -> RequestPlan:
     base = dict(
         prompt=[1],
@@ -85,7 +99,8 @@ def test_arguments_refuse_bad_values(capsys) -> None:
 @pytest.mark.slow
 def test_short_soak_loses_nothing(tmp_path: Path) -> None:
     """The CI version: two policies (the fused LRFU path and a windowed one), 100 requests
-    each on the tiny model."""
+    each on the tiny model, prompts kept and half of them sharing a 96-token prefix, so
+    that prefix-cache hits, aborts and preemptions meet on shared prompt blocks."""
     pytest.importorskip("openai")
     status = soak.main(
         [
@@ -96,6 +111,10 @@ def test_short_soak_loses_nothing(tmp_path: Path) -> None:
             "snapkv",
             "--requests",
             "100",
+            "--prompt-mode",
+            "keep",
+            "--shared-prefix",
+            "96",
             "--results-dir",
             str(tmp_path),
             "--log-dir",
@@ -110,4 +129,5 @@ def test_short_soak_loses_nothing(tmp_path: Path) -> None:
         assert row["failed"] == 0 and row["disconnected"] > 0
         assert row["completed"] + row["disconnected"] == 100
         assert row["preemptions"] > 0 and row["evicted_entries"] > 0
+        assert row["prefix_cache_hits"] > 0
         assert row["head_blocks_in_use_after"] == 0 and row["kv_cache_usage_after"] == 0
