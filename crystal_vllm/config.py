@@ -23,6 +23,7 @@ ADDITIONAL_CONFIG_KEYS = ("kv_policy", "kv_budget", "kv_policy_config")
 #: Keys of ``--kv-policy-config`` that the serving layer consumes itself; every other
 #: key is a parameter of the policy and is validated by the policy's own config class.
 SERVING_KEYS = ("think_end_token", "answer_reserve", "debug_checks")
+SERVING_KEY_TYPES = {"think_end_token": int, "answer_reserve": int, "debug_checks": bool}
 
 #: ``think_end_token`` value meaning "this model has no think stage".
 NO_THINK_TOKEN = -1
@@ -148,7 +149,12 @@ class CrystalKVConfig:
                 f"crystal-vllm reads {', '.join(ADDITIONAL_CONFIG_KEYS)}"
             )
         params = parse_policy_config(cfg.get("kv_policy_config"))
-        serving = {k: params.pop(k) for k in SERVING_KEYS if k in params}
+        # Converted like policy parameters ("true", "1024"), as CLI and HTTP inputs arrive.
+        serving = {
+            key: coerce_value(params.pop(key), SERVING_KEY_TYPES[key])
+            for key in SERVING_KEYS
+            if key in params
+        }
         budget = cfg.get("kv_budget", DEFAULT_BUDGET)
         if isinstance(budget, str):
             budget = _parse_int(budget, "--kv-budget")
@@ -185,3 +191,24 @@ def _parse_int(text: str, flag: str) -> int:
         return int(text)
     except ValueError:
         raise ValueError(f"{flag} {text!r} is invalid: it must be an integer >= 1") from None
+
+
+def coerce_value(value: Any, kind: type) -> Any:
+    """Convert string inputs to ``kind``; leave other values, and strings that do not
+    convert, to the config's validation (whose message names the allowed range)."""
+    if not isinstance(value, str) or kind is str:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+    text = value.strip()
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(text)
+        return kind(text)
+    except ValueError:
+        return value

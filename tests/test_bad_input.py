@@ -43,7 +43,7 @@ BAD_POLICY_VALUES: dict[str, tuple[list, str]] = {
 BAD_SERVING_VALUES: dict[str, tuple[list, str]] = {
     "think_end_token": ([-2, 1.5, "</think>", True], "a token id >= 0, -1 for none"),
     "answer_reserve": ([-1, 1.5, "lots", True, None], "an integer >= 0"),
-    "debug_checks": (["yes", 1, None], "true or false"),
+    "debug_checks": (["maybe", 1, None], "true or false"),
 }
 
 

@@ -79,8 +79,8 @@ def test_policy_names_include_every_baseline() -> None:
             r"answer_reserve -1 is invalid: it must be an integer >= 0",
         ),
         (
-            {"kv_policy": "crystal", "kv_policy_config": {"debug_checks": "yes"}},
-            r"debug_checks 'yes' is invalid",
+            {"kv_policy": "crystal", "kv_policy_config": {"debug_checks": "maybe"}},
+            r"debug_checks 'maybe' is invalid",
         ),
         ({"kv_policy": "none", "kv_policy_config": {"top_p": 0.5}}, r"--kv-policy is 'none'"),
         ({"kv_polcy": "crystal"}, r"unknown key\(s\) kv_polcy"),
@@ -104,3 +104,22 @@ def test_think_stage_budgets() -> None:
     on = CrystalKVConfig(policy="crystal", budget=64, think_end_token=5, answer_reserve=100)
     assert on.has_think_stage
     assert CrystalKVConfig.from_additional_config(on.to_additional_config()) == on
+
+
+def test_serving_keys_convert_strings_like_policy_parameters() -> None:
+    """CLI and HTTP inputs arrive as strings: the serving keys take them as the policy
+    parameters do ("yes"/"true" for booleans, digits for integers)."""
+    config = CrystalKVConfig.from_additional_config(
+        {
+            "kv_policy": "crystal",
+            "kv_policy_config": {
+                "debug_checks": "yes",
+                "answer_reserve": "12",
+                "think_end_token": "-1",
+                "hits_before_full": "yes",
+            },
+        }
+    )
+    assert config.debug_checks is True
+    assert config.answer_reserve == 12 and config.think_end_token == -1
+    assert config.make_policy().config.hits_before_full is True

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
+from crystal_vllm.config import coerce_value
 from crystal_vllm.policy.base import KVPolicy
 from crystal_vllm.policy.baselines import FullPolicy, H2OPolicy, RandomPolicy, StreamingPolicy
 from crystal_vllm.policy.lrfu import CrystalLitePolicy, CrystalPolicy, LRUPolicy
@@ -70,26 +71,5 @@ def make_policy(name: str, params: Mapping[str, Any] | None = None) -> KVPolicy:
         if key not in allowed:
             listed = ", ".join(sorted(allowed)) or "none"
             raise ValueError(f"unknown parameter {key!r} for KV policy {name!r}; allowed: {listed}")
-        values[key] = _coerce(key, value, type(defaults[key]))
+        values[key] = coerce_value(value, type(defaults[key]))
     return cls(cls.config_cls(**values))
-
-
-def _coerce(key: str, value: Any, kind: type) -> Any:
-    """Convert string inputs to ``kind``; leave other values, and strings that do not
-    convert, to the config's validation (whose message names the allowed range)."""
-    if not isinstance(value, str) or kind is str:
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        return value
-    text = value.strip()
-    try:
-        if kind is bool:
-            lowered = text.lower()
-            if lowered in ("true", "1", "yes", "on"):
-                return True
-            if lowered in ("false", "0", "no", "off"):
-                return False
-            raise ValueError(text)
-        return kind(text)
-    except ValueError:
-        return value
