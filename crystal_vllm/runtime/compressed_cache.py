@@ -734,7 +734,7 @@ class CompressedKVCache:
 
     def _fingerprint(self, head_blocks: torch.Tensor) -> torch.Tensor:
         """Position-weighted byte sums of head-blocks (debug checks only)."""
-        data = self.kv_pool[head_blocks].reshape(head_blocks.numel(), -1)
+        data = self.kv_pool[head_blocks].flatten(1)
         data = data.contiguous().view(torch.uint8).long()
         weights = torch.arange(1, data.shape[-1] + 1, device=data.device)
         return (data * weights).sum(dim=-1)

@@ -186,6 +186,19 @@ def test_a_reader_attends_over_the_borrowed_prompt_and_never_writes_it(
     cache.check_invariants()
 
 
+def test_a_prompt_without_a_full_block_shares_nothing() -> None:
+    """A 5-token prompt has no full block to share (or to fingerprint); it decodes."""
+    cache, cap = _cache("crystal")
+    requests = _Requests(cache)
+    blocks = list(range(1, 1 + cap))
+    k, v = _fresh(5)
+    requests.step([StepRequest("s", 5, 0, 5, blocks, BUDGET)], {"s": k}, {"s": v})
+    for pos in range(5, 12):
+        new_k, new_v = _fresh(1)
+        requests.step([StepRequest("s", 1, pos, 5, blocks, BUDGET)], {"s": new_k}, {"s": new_v})
+    assert int(cache.tables.num_borrowed.sum()) == 0
+
+
 def test_a_hit_without_shared_prompt_blocks_is_refused() -> None:
     cache, cap = _cache("crystal", share=False)
     blocks = list(range(1, 1 + cap))
