@@ -435,3 +435,28 @@ def test_chunked_prefill_attends_over_what_is_held_and_stays_in_bounds(
                 layer, torch.randn(1, H * G, D), torch.randn(1, H, D), torch.randn(1, H, D)
             )
         cache.end_step()
+
+
+@pytest.mark.parametrize("holes", ["none", "equal counts", "unequal counts"])
+def test_chunk_attention_matches_the_dense_oracle(holes: str) -> None:
+    """A chunk's attention over held entries and, causally, over itself: the merged
+    unmasked path (heads holding equal counts) and the masked one (unequal) against a
+    float64 dense oracle."""
+    torch.manual_seed(8)
+    cache, _ = _make_cache("crystal-lite", 12)
+    count, width = 5, 24
+    held = torch.ones(H, width, dtype=torch.bool)
+    if holes != "none":
+        for h in range(H):
+            held[h, torch.randperm(width)[: 7 + (h if holes == "unequal counts" else 0)]] = False
+    held_k, held_v = torch.randn(H, width, D), torch.randn(H, width, D)
+    q, k, v = torch.randn(count, H * G, D), torch.randn(count, H, D), torch.randn(count, H, D)
+    out = cache._chunk_attention(q, k, v, held, held_k, held_v)
+    for t in range(count):
+        for h in range(H):
+            keys = torch.cat([held_k[h][held[h]], k[: t + 1, h]])[None]
+            values = torch.cat([held_v[h][held[h]], v[: t + 1, h]])[None]
+            expected = _dense_attention(q[t, h * G : (h + 1) * G], keys, values)
+            torch.testing.assert_close(
+                out[t, h * G : (h + 1) * G].double(), expected, rtol=1e-5, atol=1e-5
+            )
