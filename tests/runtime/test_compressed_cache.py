@@ -13,9 +13,9 @@ import math
 
 import pytest
 import torch
+from cache_builder import build_cache
 
 from crystal_vllm import ops
-from crystal_vllm.cache import HeadBlockLayout
 from crystal_vllm.policy import POLICY_NAMES, PROMPT_MODES, make_policy
 from crystal_vllm.policy.configs import REALLOC_RULES
 from crystal_vllm.runtime import CompressedKVCache, StepRequest
@@ -47,18 +47,15 @@ def _make_cache(
 
 def _cache_for(policy, cap: int, *, num_blocks: int, max_rows: int) -> CompressedKVCache:
     """A cache whose heads hold at most ``cap`` head-blocks, with debug_checks on."""
-    layout = HeadBlockLayout(
-        num_blocks=num_blocks, num_layers=L, num_kv_heads=H, block_size=BS, head_dim=D
-    )
-    return CompressedKVCache(
+    return build_cache(
         policy,
-        layout,
-        torch.zeros(layout.num_head_blocks, 2, BS, D),
+        layers=L,
+        kv_heads=H,
+        block_size=BS,
+        head_dim=D,
+        cap=cap,
+        num_blocks=num_blocks,
         max_rows=max_rows,
-        max_slots=cap * BS,
-        max_blocks_per_row=cap,
-        scale=SCALE,
-        debug_checks=True,
     )
 
 

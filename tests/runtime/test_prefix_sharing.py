@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from cache_builder import build_cache
 
 from crystal_vllm.cache import HeadBlockLayout
 from crystal_vllm.policy import POLICY_NAMES, make_policy
@@ -28,17 +29,16 @@ def _cache(policy_name: str, *, share: bool = True) -> tuple[CompressedKVCache, 
     policy = make_policy(policy_name, params)
     resident = 64 if policy_name == "full" else policy.max_resident(BUDGET) + PROMPT
     cap = math.ceil(resident / BS)
-    layout = HeadBlockLayout(num_blocks=64, num_layers=L, num_kv_heads=H, block_size=BS, head_dim=D)
-    cache = CompressedKVCache(
+    cache = build_cache(
         policy,
-        layout,
-        torch.zeros(layout.num_head_blocks, 2, BS, D),
+        layers=L,
+        kv_heads=H,
+        block_size=BS,
+        head_dim=D,
+        cap=cap,
+        num_blocks=64,
         max_rows=4,
-        max_slots=cap * BS,
-        max_blocks_per_row=cap,
-        scale=SCALE,
         share_prompt_blocks=share,
-        debug_checks=True,
     )
     return cache, cap
 

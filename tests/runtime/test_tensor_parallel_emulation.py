@@ -13,10 +13,10 @@ import math
 
 import pytest
 import torch
+from cache_builder import build_cache
 
-from crystal_vllm.cache import HeadBlockLayout
 from crystal_vllm.policy import POLICY_NAMES, make_policy
-from crystal_vllm.runtime import CompressedKVCache, StepRequest
+from crystal_vllm.runtime import StepRequest
 from crystal_vllm.vllm_ext.runner_mixin import first_kv_head
 
 L, H, G, D, BS = 2, 4, 2, 16, 8
@@ -28,20 +28,17 @@ SCALE = D**-0.5
 def _cache(policy_name: str, params: dict, heads: int, budget: int, prompt: int, rank: int):
     policy = make_policy(policy_name, params)
     policy.first_kv_head = first_kv_head(H, H // heads, rank)
-    layout = HeadBlockLayout(
-        num_blocks=32, num_layers=L, num_kv_heads=heads, block_size=BS, head_dim=D
-    )
     # No slack for crystal either: a rank's budgets move inside its uniform reservation.
     cap = math.ceil(min(policy.resident_bound(budget, prompt), 96) / BS)
-    cache = CompressedKVCache(
+    cache = build_cache(
         policy,
-        layout,
-        torch.zeros(layout.num_head_blocks, 2, BS, D),
+        layers=L,
+        kv_heads=heads,
+        block_size=BS,
+        head_dim=D,
+        cap=cap,
+        num_blocks=32,
         max_rows=2,
-        max_slots=cap * BS,
-        max_blocks_per_row=cap,
-        scale=SCALE,
-        debug_checks=True,
     )
     return cache, list(range(1, 1 + cap))
 
