@@ -31,12 +31,10 @@ namespace {
 
 constexpr float kInf = __builtin_inff();
 
-// One entry of the head, for the top-p pass: its probability, slot and position (a copy,
-// so that ranking reads no other array).
+// One entry of the head, for the top-p pass: its probability and slot.
 struct Ranked {
   float p;
   int32_t slot;
-  int64_t position;
 };
 
 // One eviction candidate, ordered by (decayed crf, tau, position), lowest first.
@@ -88,9 +86,13 @@ thread_local DecayTable decay_table;
 // side that holds the boundary, so the cost is linear in n on average. On return the hits
 // occupy ranked[0, k) (in no particular order). Positions are distinct, so the order is
 // strict and ties in p are resolved exactly as the reference's sort does.
-int64_t nucleus_size(Ranked* ranked, int64_t n, float threshold, double before) {
-  auto above = [](const Ranked& x, const Ranked& y) {  // x ranks before y
-    return (x.p > y.p) | ((x.p == y.p) & (x.position > y.position));
+int64_t nucleus_size(Ranked* ranked, int64_t n, const int64_t* position, float threshold,
+                     double before) {
+  // x ranks before y. Positions are read only for equal probabilities: the position array
+  // is not in cache, and a branch on that rare case is predictable.
+  auto above = [position](const Ranked& x, const Ranked& y) {
+    if (x.p != y.p) return x.p > y.p;
+    return position[x.slot] > position[y.slot];
   };
   int64_t lo = 0, hi = n;  // ranked[0, lo) are hits, ranked[hi, n) are not
   // `before`: the mass ranked above ranked[0, n), plus that of ranked[0, lo).
@@ -140,8 +142,9 @@ inline int bucket_of(float p) {
   return b < 0 ? 0 : (b >= kBuckets ? kBuckets - 1 : b);
 }
 
-// Scratch layout: the reduced distribution, the eviction scores and each slot's bucket
-// (S 4-byte words each), then S records (Ranked or Victim), each part padded to 64 bytes.
+// Scratch layout: the reduced distribution, the eviction scores, each slot's bucket and
+// the slots of the boundary bucket (S 4-byte words each, the last with 4 spare), then S
+// records (Ranked or Victim), each part padded to 64 bytes.
 int64_t padded_words(int64_t n) { return (n + 15) / 16 * 16; }
 
 // One past the last valid slot of valid[0, n) (0 if none): heads fill from slot 0, so the
@@ -183,6 +186,7 @@ struct HeadPass {
   float* p;  // the reduced distribution
   int32_t* bucket;
   float* score;  // eviction score; +inf for entries that may not be evicted
+  int32_t* members;  // the valid slots of the boundary bucket, in slot order
   int64_t t;
   bool protect;  // prompt entries are not counted in the budget and never evicted
 };
@@ -210,16 +214,18 @@ struct Decay {
   }
 };
 
-// Entries counted in the budget (n) and those of them born at t.
+// Entries counted in the budget (n), those of them born at t, and the boundary bucket's.
 struct Counts {
   int64_t n = 0;
   int64_t born_now = 0;
+  int64_t members = 0;
 };
 
 // The CRF update and eviction scores of slots [begin, end): an entry of a bucket above
 // `boundary` is a hit, crf = lam^(t - tau) * crf + 1 and tau = t, unless already rewarded
 // at t (the token inserted in this step); a candidate's score is its decayed crf after
-// the update (for a hit lam^0 * crf = crf).
+// the update (for a hit lam^0 * crf = crf). The boundary bucket's entries are treated as
+// non-hits here and listed in h.members.
 void update_range(const HeadPass& h, const Decay& decay, int boundary, int64_t begin,
                   int64_t end, Counts& counts) {
   const int64_t t = h.t;
@@ -237,6 +243,8 @@ void update_range(const HeadPass& h, const Decay& decay, int boundary, int64_t b
     h.crf[s] = fresh ? rewarded : h.crf[s];
     h.tau[s] = hit ? t : last;
     h.score[s] = (counted & !newborn) ? (fresh ? rewarded : decayed) : kInf;
+    h.members[counts.members] = static_cast<int32_t>(s);  // branch-free: a random subset
+    counts.members += live & (h.bucket[s] == boundary);
   }
 }
 
@@ -271,6 +279,12 @@ __attribute__((target("avx2"))) inline __m128 narrow(__m256i mask) {
                         _MM_SHUFFLE(2, 0, 2, 0));
 }
 
+// For each 4-bit mask, the indices of its set bits, first (then 0s): a compressing store.
+alignas(16) constexpr int32_t kCompress[16][4] = {
+    {0, 0, 0, 0}, {0, 0, 0, 0}, {1, 0, 0, 0}, {0, 1, 0, 0}, {2, 0, 0, 0}, {0, 2, 0, 0},
+    {1, 2, 0, 0}, {0, 1, 2, 0}, {3, 0, 0, 0}, {0, 3, 0, 0}, {1, 3, 0, 0}, {0, 1, 3, 0},
+    {2, 3, 0, 0}, {0, 2, 3, 0}, {1, 2, 3, 0}, {0, 1, 2, 3}};
+
 // Four bytes -> all-ones 64-bit lanes where they are not 0.
 __attribute__((target("avx2"))) inline __m256i flags(const uint8_t* x) {
   int32_t word;
@@ -287,6 +301,7 @@ __attribute__((target("avx2"))) void update_avx2(const HeadPass& h, const Decay&
   const __m256i zero = _mm256_setzero_si256();
   const __m128 one = _mm_set1_ps(1.0f), inf = _mm_set1_ps(kInf);
   __m256i n = zero, born_now = zero;  // minus the counts, per lane
+  int64_t members = counts.members;
   int64_t s = 0;
   for (; s + 4 <= E; s += 4) {
     const __m256i live = flags(h.valid + s);
@@ -295,7 +310,9 @@ __attribute__((target("avx2"))) void update_avx2(const HeadPass& h, const Decay&
     const __m256i inside =
         _mm256_andnot_si256(_mm256_cmpgt_epi64(zero, age), _mm256_cmpgt_epi64(cached, age));
     if (_mm256_movemask_pd(_mm256_castsi256_pd(inside)) != 0xF) {  // beyond the table: powf
+      counts.members = members;
       update_range(h, decay, boundary, s, s + 4, counts);
+      members = counts.members;
       continue;
     }
     const __m256i counted = h.protect ? _mm256_andnot_si256(flags(h.prompt + s), live) : live;
@@ -306,6 +323,12 @@ __attribute__((target("avx2"))) void update_avx2(const HeadPass& h, const Decay&
     const __m256i bucket =
         _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h.bucket + s)));
     const __m256i hit = _mm256_and_si256(live, _mm256_cmpgt_epi64(bucket, above));
+    const int at = _mm256_movemask_pd(
+        _mm256_castsi256_pd(_mm256_and_si256(live, _mm256_cmpeq_epi64(bucket, above))));
+    const __m128i first = _mm_load_si128(reinterpret_cast<const __m128i*>(kCompress[at]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(h.members + members),
+                     _mm_add_epi32(_mm_set1_epi32(static_cast<int32_t>(s)), first));
+    members += __builtin_popcount(at);
     const __m128 crf = _mm_loadu_ps(h.crf + s);
     const __m128 decayed = _mm_mul_ps(crf, _mm256_i64gather_ps(decay.table, age, 4));
     const __m128 rewarded = _mm_add_ps(decayed, one);
@@ -321,6 +344,7 @@ __attribute__((target("avx2"))) void update_avx2(const HeadPass& h, const Decay&
   counts.n -= lanes[0] + lanes[1] + lanes[2] + lanes[3];
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), born_now);
   counts.born_now -= lanes[0] + lanes[1] + lanes[2] + lanes[3];
+  counts.members = members;
   update_range(h, decay, boundary, s, E, counts);
 }
 #endif
@@ -344,7 +368,7 @@ void lrfu_insert(const LrfuArgs& a, int64_t item) {
 }
 
 int64_t lrfu_scratch_bytes(int64_t num_slots) {
-  return 3 * padded_words(num_slots) * 4 +
+  return (3 * padded_words(num_slots) + padded_words(num_slots + 4)) * 4 +
          num_slots * static_cast<int64_t>(std::max(sizeof(Ranked), sizeof(Victim)));
 }
 
@@ -368,8 +392,10 @@ void lrfu_observe_evict(const LrfuArgs& a, int64_t item, int64_t extent, const f
   float* p = scratch;
   float* score = scratch + padded_words(S);
   int32_t* bucket = reinterpret_cast<int32_t*>(score + padded_words(S));
-  Ranked* ranked = reinterpret_cast<Ranked*>(bucket + padded_words(S));
-  const HeadPass pass{valid, prompt, born, crf, tau, p, bucket, score, t, a.protect_prompt};
+  int32_t* members = bucket + padded_words(S);
+  Ranked* ranked = reinterpret_cast<Ranked*>(members + padded_words(S + 4));
+  const HeadPass pass{valid, prompt, born, crf, tau, p, bucket, score, members, t,
+                      a.protect_prompt};
 
   // With top_p >= 1 every valid entry is a hit (boundary -1, step 3) and the
   // probabilities are not needed.
@@ -439,8 +465,9 @@ void lrfu_observe_evict(const LrfuArgs& a, int64_t item, int64_t extent, const f
   }
 
   // 3. CRF update of the hits above the boundary bucket and every entry's eviction score,
-  // in one pass that treats the boundary bucket's entries as non-hits; then the nucleus
-  // inside that bucket (a quickselect on mass), whose hits are updated and rescored.
+  // in one pass that treats the boundary bucket's entries as non-hits and lists them; then
+  // the nucleus inside that bucket (a quickselect on mass), whose hits are updated and
+  // rescored.
   DecayTable& table = decay_table;
   const int64_t cached = table.cover(a.lam, t + 1);  // valid entries' ages: [0, t]
   const Decay lam_pow{table.data(), cached, a.lam};
@@ -457,18 +484,10 @@ void lrfu_observe_evict(const LrfuArgs& a, int64_t item, int64_t extent, const f
   auto candidate = [&](int64_t s) {
     return valid[s] && born[s] != t && !(a.protect_prompt && prompt[s]);
   };
-  if (boundary >= 0) {
-    int64_t m = 0;
-    for (int64_t s = 0; s < E; ++s) {  // branch-free: the boundary bucket is a random subset
-      ranked[m].slot = static_cast<int32_t>(s);
-      m += valid[s] & (bucket[s] == boundary);
-    }
-    for (int64_t i = 0; i < m; ++i) {
-      const int32_t s = ranked[i].slot;
-      ranked[i].p = p[s];
-      ranked[i].position = position[s];
-    }
-    const int64_t hits = nucleus_size(ranked, m, threshold, above);
+  if (counts.members > 0) {
+    const int64_t m = counts.members;
+    for (int64_t i = 0; i < m; ++i) ranked[i] = Ranked{p[members[i]], members[i]};
+    const int64_t hits = nucleus_size(ranked, m, position, threshold, above);
     for (int64_t i = 0; i < hits; ++i) {
       const int32_t s = ranked[i].slot;
       if (tau[s] == t) continue;  // already rewarded at this step
