@@ -31,10 +31,24 @@ namespace {
 
 constexpr float kInf = __builtin_inff();
 
-// One entry of the head, for the top-p pass: its probability and slot.
+// One entry of the head, for the top-p pass: its probability and slot in one word, so
+// that the partition moves an entry with one 8-byte load and store (two 4-byte stores
+// read back by one 8-byte load would stall store-to-load forwarding).
 struct Ranked {
-  float p;
-  int32_t slot;
+  uint64_t word;  // the probability's bits above the slot
+
+  static Ranked of(float p, int32_t slot) {
+    uint32_t bits;
+    std::memcpy(&bits, &p, sizeof(bits));
+    return Ranked{static_cast<uint64_t>(bits) << 32 | static_cast<uint32_t>(slot)};
+  }
+  float p() const {
+    const uint32_t bits = static_cast<uint32_t>(word >> 32);
+    float value;
+    std::memcpy(&value, &bits, sizeof(value));
+    return value;
+  }
+  int32_t slot() const { return static_cast<int32_t>(static_cast<uint32_t>(word)); }
 };
 
 // One eviction candidate, ordered by (decayed crf, tau, position), lowest first.
@@ -91,8 +105,10 @@ int64_t nucleus_size(Ranked* ranked, int64_t n, const int64_t* position, float t
   // x ranks before y. Positions are read only for equal probabilities: the position array
   // is not in cache, and a branch on that rare case is predictable.
   auto above = [position](const Ranked& x, const Ranked& y) {
-    if (x.p != y.p) return x.p > y.p;
-    return position[x.slot] > position[y.slot];
+    const float px = x.p(), py = y.p();
+    bool up = px > py;
+    if (px == py) up = position[x.slot()] > position[y.slot()];
+    return up;
   };
   int64_t lo = 0, hi = n;  // ranked[0, lo) are hits, ranked[hi, n) are not
   // `before`: the mass ranked above ranked[0, n), plus that of ranked[0, lo).
@@ -113,12 +129,12 @@ int64_t nucleus_size(Ranked* ranked, int64_t n, const int64_t* position, float t
       ranked[i] = ranked[split];
       ranked[split] = x;
       split += up;
-      mass += up ? static_cast<double>(x.p) : 0.0;
+      mass += static_cast<double>(x.p()) * up;  // p or 0 (p is finite), without a branch
     }
     std::swap(ranked[split], ranked[hi - 1]);  // pivot at `split`, above it in [lo, split)
     if (static_cast<float>(before + mass) < threshold) {
       // The pivot is a hit, hence so is everything ranked above it.
-      before += mass + pivot.p;
+      before += mass + pivot.p();
       lo = split + 1;
     } else {
       hi = split;  // neither the pivot nor anything below it is a hit
@@ -486,10 +502,10 @@ void lrfu_observe_evict(const LrfuArgs& a, int64_t item, int64_t extent, const f
   };
   if (counts.members > 0) {
     const int64_t m = counts.members;
-    for (int64_t i = 0; i < m; ++i) ranked[i] = Ranked{p[members[i]], members[i]};
+    for (int64_t i = 0; i < m; ++i) ranked[i] = Ranked::of(p[members[i]], members[i]);
     const int64_t hits = nucleus_size(ranked, m, position, threshold, above);
     for (int64_t i = 0; i < hits; ++i) {
-      const int32_t s = ranked[i].slot;
+      const int32_t s = ranked[i].slot();
       if (tau[s] == t) continue;  // already rewarded at this step
       crf[s] = crf[s] * lam_pow(t - tau[s]) + 1.0f;
       tau[s] = t;
