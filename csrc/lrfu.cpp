@@ -11,9 +11,10 @@
 //      position) until the head holds max(budget, #entries born at t), never one born at t.
 // Everything is linear in the head's slots (expected): the nucleus is found by a
 // histogram of probability mass and a quickselect inside one bucket instead of a sort, and
-// lam^age comes from a per-thread table. The passes over the slots are branch-free; the
-// two that touch every slot have AVX2 versions (target attribute, used when the op's ISA
-// allows it), the rest is compiled for the baseline ISA.
+// lam^age comes from a per-thread table. The passes over the slots take no branch whose
+// outcome is random from entry to entry (the predictor would miss it again and again);
+// the two that do the work per slot have AVX2 versions (target attribute, used when the
+// op's ISA allows it), the rest is compiled for the baseline ISA.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
