@@ -345,6 +345,7 @@ std::tuple<at::Tensor, at::Tensor> lrfu_decode(
   lrfu.top_p = static_cast<float>(top_p);
   lrfu.gqa_max = gqa_max;
   lrfu.protect_prompt = protect_prompt;
+  lrfu.avx2 = static_cast<Isa>(g_isa.load()) >= Isa::kAvx2;
 
   const DecodeKernel kernel = pick_kernel(d);
   const int64_t elem = kv_pool.element_size(), row_bytes = d * elem;

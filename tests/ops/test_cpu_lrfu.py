@@ -12,6 +12,9 @@ unassigned table entries) and must agree after every layer step:
   float32 rounding, and the eviction counts exactly. The two sides' probabilities differ
   by about an ulp, so a victim choice may differ only between two candidates whose
   decayed scores are equal to 1e-6 relative; any other difference fails the test.
+
+The per-slot passes of the LRFU update have an AVX2 and a baseline version (chosen with
+the kernel ISA); the ``isa`` tests run both.
 """
 
 from __future__ import annotations
@@ -29,12 +32,24 @@ except ImportError as exc:
     pytest.skip(f"the C++ extension is not built: {exc}", allow_module_level=True)
 
 R, L, BS = 5, 2, 4
+_ISAS = ("avx2", "scalar")  # the LRFU passes: AVX2 (also under avx512) or baseline
 
 
 @pytest.fixture(autouse=True)
 def _torch_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     """The generic step (the reference) runs on the torch ops, not on the C++ ones."""
     monkeypatch.setenv(ops.ENV_VAR, "torch")
+
+
+@pytest.fixture(params=_ISAS)
+def isa(request: pytest.FixtureRequest):
+    """Run the test once per version of the LRFU passes this CPU can execute."""
+    try:
+        previous = cpu.set_cpu_isa(request.param)
+    except ValueError:
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    yield request.param
+    cpu.set_cpu_isa(previous)
 
 
 class Scenario:
@@ -117,11 +132,15 @@ def _check_same(policy, ref, got, rows, layer, ref_evicted, got_evicted) -> int:
     return swaps
 
 
-def _run(policy_name, params, h, g, d, dtype, seed, steps=24, same_keys=False, prompt=0):
+def _run(policy_name, params, h, g, d, dtype, seed, steps=24, prompt=0, first_step=0, **kw):
+    """``kw``: Scenario options (``same_keys``, ``max_blocks``, default 4)."""
     policy = make_policy(policy_name, params)
-    sc = Scenario(
-        policy, h, g, d, max_blocks=4, dtype=dtype, seed=seed, same_keys=same_keys, prompt=prompt
-    )
+    kw.setdefault("max_blocks", 4)
+    sc = Scenario(policy, h, g, d, dtype=dtype, seed=seed, prompt=prompt, **kw)
+    if first_step:  # the prompt entries keep tau = 0: their age is first_step
+        sc.state.step += first_step
+        held = sc.state.valid
+        sc.state.crf[held] = torch.rand(int(held.sum()), generator=sc.gen) + 0.5
     got_state = sc.clone_state()
     got_pool = sc.pool.clone()
     swaps = evictions = 0
@@ -188,7 +207,30 @@ def test_half_pools_match_reference(dtype):
     assert _run("crystal-lite", {}, 2, 2, 32, dtype, seed=3) <= 2
 
 
-def test_exact_ties_follow_the_tie_rules():
+@pytest.mark.parametrize(
+    "params", [{}, {"top_p": 1.0}, {"top_p": 0.5, "gqa_reduce": "max"}, {"prompt": "keep"}]
+)
+def test_every_isa_matches_reference_on_wide_heads(isa, params):
+    """Heads of up to 96 slots: the vector bodies of the passes, their scalar tails, holes
+    and the unused tail of the last head-block."""
+    prompt = 3 if "prompt" in params else 0
+    swaps = _run(
+        "crystal-lite", params, 2, 3, 16, torch.float32, seed=21, prompt=prompt, max_blocks=24
+    )
+    assert swaps <= 2
+
+
+def test_ages_beyond_the_decay_table(isa):
+    """Past 2^16 steps, lam^age is no longer tabulated: the prompt entries (tau = 0) take
+    powf, next to entries whose age is in the table."""
+    params = {"lam": 0.6, "time_unit": 10_000, "prompt": "evict"}  # lam^70000 ~ 0.03
+    swaps = _run(
+        "crystal-lite", params, 2, 2, 16, torch.float32, seed=9, prompt=3, first_step=70_000
+    )
+    assert swaps <= 2
+
+
+def test_exact_ties_follow_the_tie_rules(isa):
     """Identical keys make every probability equal: hits go to the latest positions and
     victims are chosen by (score, tau, position) alone; no tolerance is granted."""
     assert (
