@@ -164,13 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
             8,
             "tokens every short request has streamed before the long prompt is sent",
         ),  # fmt: skip
-        (
-            "--short-max-tokens",
-            4096,
-            "max_tokens of a short request (ignore_eos); they are "
-            "cancelled --tail-s after the long request ends, so this only has to outlast it",
-        ),  # fmt: skip
         ("--chunk-tokens", 512, "--max-num-batched-tokens with chunked prefill on"),
+    )
+    chunked.add_argument(
+        "--short-max-tokens",
+        type=cli.positive_int,
+        default=None,
+        help="max_tokens of a short request (ignore_eos); they are cancelled --tail-s after "
+        "the long request ends, so this only has to outlast it (default: as many as fit "
+        "--max-model-len after the longest short prompt)",
     )
     chunked.add_argument(
         "--chunk-modes",
@@ -773,6 +775,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{geometry.max_context}-token context"
             )
         shorts = [chat_ids(tokenizer, p.question) for p in problems[: args.short_requests]]
+        if args.short_max_tokens is None:
+            args.short_max_tokens = max_len - max(map(len, shorts))
         if max(map(len, shorts)) + args.short_max_tokens > max_len:
             parser.error(
                 f"--short-max-tokens {args.short_max_tokens} plus a short prompt exceeds "
