@@ -317,10 +317,10 @@ def test_script_runs_as_a_file() -> None:
 def test_smoke(tmp_path: Path) -> None:
     pc.main(
         [
-            "--model", "tiny", "--cases", "crystal:16", "--chunk-modes", "on",
+            "--model", "tiny", "--cases", "crystal:16", "--chunk-modes", "off",
             "--shared-requests", "3", "--system-tokens", "200", "--shared-output-len", "4",
             "--shared-concurrency", "2", "--long-prompt-len", "1000", "--short-requests", "2",
-            "--short-max-tokens", "1024", "--tail-s", "0.2", "--poll-interval", "0.1",
+            "--tail-s", "0.2", "--poll-interval", "0.1",
             "--results-dir", str(tmp_path), "--name", "smoke",
         ]
     )  # fmt: skip
