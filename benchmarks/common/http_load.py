@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from benchmarks.common.engine_runs import RequestTiming
 
@@ -87,11 +88,12 @@ def timing_from_stream(
     )
 
 
-async def stream_completion(
-    client, model: str, prompt: list[int], max_tokens: int
-) -> RequestTiming:
-    """One streaming completion of exactly ``max_tokens`` tokens (``ignore_eos``)."""
-    start = time.perf_counter()
+async def stream_events(
+    client, model: str, prompt: list[int], max_tokens: int, events: list[tuple[float, int]]
+) -> int | None:
+    """Stream one greedy completion of ``max_tokens`` tokens (``ignore_eos``), appending
+    ``(arrival time, tokens in the chunk)`` to ``events`` as chunks arrive (so a caller that
+    cancels the request still has them); returns the tokens the usage block reports."""
     stream = await client.completions.create(
         model=model,
         prompt=prompt,
@@ -101,7 +103,6 @@ async def stream_completion(
         stream_options={"include_usage": True},
         extra_body={"ignore_eos": True, "return_token_ids": True},
     )
-    events: list[tuple[float, int]] = []
     reported = None
     async for chunk in stream:
         now = time.perf_counter()
@@ -109,6 +110,16 @@ async def stream_completion(
             events.append((now, len(getattr(choice, "token_ids", None) or ())))
         if chunk.usage is not None:
             reported = chunk.usage.completion_tokens
+    return reported
+
+
+async def stream_completion(
+    client, model: str, prompt: list[int], max_tokens: int
+) -> RequestTiming:
+    """One streaming completion of exactly ``max_tokens`` tokens (``ignore_eos``)."""
+    start = time.perf_counter()
+    events: list[tuple[float, int]] = []
+    reported = await stream_events(client, model, prompt, max_tokens, events)
     timing = timing_from_stream(start, events, reported)
     if timing.output_tokens != max_tokens:
         raise RuntimeError(f"asked for {max_tokens} tokens, got {timing.output_tokens}")
@@ -116,14 +127,21 @@ async def stream_completion(
 
 
 async def poll_metrics(
-    http, url: str, interval: float, t0: float, stop: asyncio.Event, out: list
+    http,
+    url: str,
+    interval: float,
+    t0: float,
+    stop: asyncio.Event,
+    out: list,
+    parse: Callable[[str], Any] = ServerGauges.parse,
 ) -> None:
-    """Append ``(seconds since t0, ServerGauges)`` to ``out`` every ``interval`` seconds
-    until ``stop`` is set (``http``: an ``httpx.AsyncClient``, ``url``: /metrics)."""
+    """Append ``(seconds since t0, parse(page))`` (by default a :class:`ServerGauges`) to
+    ``out`` every ``interval`` seconds until ``stop`` is set (``http``: an
+    ``httpx.AsyncClient``, ``url``: /metrics)."""
     while not stop.is_set():
         response = await http.get(url)
         response.raise_for_status()
-        out.append((time.perf_counter() - t0, ServerGauges.parse(response.text)))
+        out.append((time.perf_counter() - t0, parse(response.text)))
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=interval)
 

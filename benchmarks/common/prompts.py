@@ -8,6 +8,7 @@ the question in the user turn than when it sits in the system prompt.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 FINAL_ANSWER_PREFIX = "The final answer is"
@@ -35,3 +36,15 @@ def render_prompt(tokenizer: Any, question: str, system_prompt: str = SYSTEM_PRO
     return tokenizer.apply_chat_template(
         build_messages(question, system_prompt), tokenize=False, add_generation_prompt=True
     )
+
+
+def few_shot_system_prompt(examples: Sequence[Any], header: str = SYSTEM_PROMPT) -> str:
+    """A system prompt of worked examples (``Problem``s with a ``solution``): ``header``,
+    then each question, its steps and the final-answer line, in the given order."""
+    parts = [f"{header} Worked examples follow."]
+    for i, example in enumerate(examples, 1):
+        parts.append(
+            f"Example {i}.\nQuestion: {example.question.strip()}\nSolution: "
+            f"{example.solution.strip()}\n{FINAL_ANSWER_PREFIX} {example.answer}"
+        )
+    return "\n\n".join(parts)
