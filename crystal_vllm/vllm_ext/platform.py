@@ -40,6 +40,9 @@ _cli_values: dict[str, Any] = {}
 #: This process's validated configuration, once check_and_update_config has run here.
 _server_config: CrystalKVConfig | None = None
 
+#: Why this server refuses ``prompt_logprobs`` (None: it serves them exactly).
+_prompt_logprobs_refusal: str | None = None
+
 ARG_GROUP = "CrystalKV"
 
 THINK_END_TEXT = "</think>"
@@ -48,6 +51,28 @@ THINK_END_TEXT = "</think>"
 def server_config() -> CrystalKVConfig | None:
     """The configuration validated in this process (None before the config is built)."""
     return _server_config
+
+
+def prompt_logprobs_refusal() -> str | None:
+    """Why ``prompt_logprobs`` (and ``echo`` with logprobs) are refused here, or None."""
+    return _prompt_logprobs_refusal
+
+
+def _refuse_prompt_logprobs(config: CrystalKVConfig, vllm_config) -> str | None:
+    """A chunk after the first attends over what the earlier chunks kept: exact under
+    prompt ``keep`` (nothing of the prompt is dropped), not under ``compress``/``evict``,
+    whose later prompt positions would get the compressed model's log-probs."""
+    if not config.enabled or not vllm_config.scheduler_config.enable_chunked_prefill:
+        return None
+    prompt = config.make_policy().config.prompt
+    if prompt == "keep":
+        return None
+    return (
+        f"prompt_logprobs are not exact under --kv-policy {config.policy} with prompt mode "
+        f"{prompt!r} and chunked prefill (a later prompt chunk attends over the compressed "
+        'prompt); start the server with --kv-policy-config \'{"prompt": "keep"}\' or '
+        "--no-enable-chunked-prefill to get them"
+    )
 
 
 #: Namespace attribute holding the crystal-vllm flags given so far (dest -> value).
@@ -298,9 +323,10 @@ class CrystalPlatformMixin:
                 config = dataclasses.replace(config, think_end_token=token)
             vllm_config.additional_config = {**merged, **config.to_additional_config()}
             cls._configure_for_compression(vllm_config)
-        global _server_config
+        global _server_config, _prompt_logprobs_refusal
         _server_config = config
         super().check_and_update_config(vllm_config)
+        _prompt_logprobs_refusal = _refuse_prompt_logprobs(config, vllm_config)
         if config.enabled:
             cls._pick_block_size(vllm_config.cache_config)
 

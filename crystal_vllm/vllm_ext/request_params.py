@@ -4,7 +4,8 @@
 (never more: the server's memory quota is sized from its own budget). Validation runs
 in the front end through a logits-processor plugin's ``validate_params`` hook, which
 is where vLLM turns a ``ValueError`` into an HTTP 400 for that request alone. The rule
-itself is :func:`crystal_vllm.budget.requested_budget`.
+itself is :func:`crystal_vllm.budget.requested_budget`. The same hook refuses
+``prompt_logprobs`` where chunked prefill would make them inexact (see the platform).
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ class KVRequestValidator(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        from crystal_vllm.vllm_ext.platform import server_config
+        from crystal_vllm.vllm_ext.platform import prompt_logprobs_refusal, server_config
 
         config = server_config()
         if config is not None:
             requested_budget(sampling_params.extra_args, config)
+        refusal = prompt_logprobs_refusal()
+        if refusal is not None and sampling_params.prompt_logprobs is not None:
+            raise ValueError(refusal)
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         pass
