@@ -384,6 +384,16 @@ class HeadBlockTables:
         return ShrinkPlan(rows=rows, src=src, dst=dst, block_tables=tables)
 
     # ------------------------------------------------------------------ observability
+    def head_blocks_in_use(self) -> int:
+        """Distinct head-blocks attached to some head: a shared (borrowed) prompt block
+        counts once, however many rows read it."""
+        owned = int(self.num_head_blocks.sum()) - int(self.num_borrowed.sum()) * (
+            self.layout.heads_per_block
+        )
+        # Borrowed blocks whose writer still runs are among its own attached head-blocks.
+        orphans = int(((self.borrowers > 0) & (self.block_owner < 0)).sum())
+        return owned + orphans * self.layout.heads_per_block
+
     def held_head_blocks(self, rows: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """Head-blocks attached to the heads of each row, ``[b]``."""
         return self.num_head_blocks[_as_rows(rows, self.device)].long().sum(dim=(1, 2))

@@ -797,7 +797,7 @@ class CompressedKVCache:
             evictions=self.stats.evictions,
             prefill_evictions=self.stats.prefill_evictions,
             reallocations=self.stats.reallocations,
-            head_blocks_in_use=int(self.tables.num_head_blocks.sum()),
+            head_blocks_in_use=self.tables.head_blocks_in_use(),
             head_blocks_capacity=self.layout.num_head_blocks,
             kept_per_layer=[int(k) for k in kept],
             kept_entries=int(self._held.sum()),

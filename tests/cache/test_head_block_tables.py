@@ -241,6 +241,8 @@ def test_borrowed_blocks_sit_in_vllm_layout_and_are_never_pooled():
     assert torch.equal(t.block_tables[1, :, :, :3], _vllm_layout(writer, 3))
     assert t.borrowers[[7, 2]].tolist() == [1, 1]
     t.check_invariants(valid)
+    # The shared blocks count once: the writer's 3 blocks and the reader's own one.
+    assert t.head_blocks_in_use() == 4 * LAYOUT.heads_per_block
     # Shrinking (after evicting the reader's own entries) never gives a borrowed
     # head-block back.
     valid[0, :, :, 8:] = False
@@ -250,6 +252,8 @@ def test_borrowed_blocks_sit_in_vllm_layout_and_are_never_pooled():
     valid[1] = False
     t.check_invariants(valid)
     assert t.borrowers[[7, 2]].tolist() == [1, 1]
+    # The writer has gone: its two shared blocks are held by the reader alone.
+    assert t.head_blocks_in_use() == 2 * LAYOUT.heads_per_block
     t.release([0])
     assert int(t.borrowers.sum()) == 0 and int(t.num_head_blocks.sum()) == 0
     t.check_invariants()
