@@ -23,7 +23,7 @@ serve: install
 	echo "serving $$model on http://$(HOST):$(PORT)"; \
 	exec $(VENV)/bin/vllm serve "$$model" --host $(HOST) --port $(PORT) --enforce-eager $(ARGS)
 
-# Everything, engine and server tests included (the command CI runs, ~45 minutes here).
+# Everything, engine and server tests included (the command CI runs, ~50 minutes here).
 test: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
