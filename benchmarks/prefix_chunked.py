@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--kv-policy-config",
-        type=er._json_object,
+        type=er.json_object,
         default={"prompt": "keep"},
         help='JSON --kv-policy-config of every case but none (default: {"prompt": "keep"}: '
         "prompt entries are never evicted, the only mode where sharing prompt blocks is "

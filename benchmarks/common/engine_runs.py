@@ -112,14 +112,14 @@ def add_case_args(
     )
     parser.add_argument(
         "--kv-policy-config",
-        type=_json_object,
-        default=_json_object(kv_policy_config),
+        type=json_object,
+        default=json_object(kv_policy_config),
         help="JSON object of policy options for every case but none, as vllm serve's "
         f'--kv-policy-config, e.g. \'{{"prompt": "evict"}}\' (default: {kv_policy_config})',
     )
 
 
-def _json_object(text: str) -> dict[str, Any]:
+def json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
