@@ -120,6 +120,7 @@ def add_case_args(
 
 
 def json_object(text: str) -> dict[str, Any]:
+    """argparse type: a JSON object given on the command line, as a dict."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
