@@ -91,10 +91,11 @@ BENCH_KEYS = (
 #: The plugin's startup line (crystal_vllm/vllm_ext/runner_mixin.py).
 _STARTUP_LINE = re.compile(
     r"crystal-vllm: policy (?P<policy>[\w-]+), budget (?P<budget>\d+) per \(layer, KV head\), "
-    r"prompt (?P<prompt>\w+) \(prompt_budget (?P<prompt_budget>\d+)\); a request holds at "
-    r"most (?P<cap_blocks>\d+) blocks of (?P<block_size>\d+) tokens.*?; (?P<fit>\d+) such "
-    r"requests fit in (?P<usable_blocks>\d+) blocks, against (?P<fit_full_length>\d+) "
-    r"full-length \((?P<max_model_len>\d+)-token\) ones"
+    r"prompt (?P<prompt>\w+) \(prompt_budget (?P<prompt_budget>\d+); prompt blocks "
+    r"(?P<prompt_blocks>[^)]+)\); a request holds at most (?P<cap_blocks>\d+) blocks of "
+    r"(?P<block_size>\d+) tokens.*?; (?P<fit>\d+) such requests fit in "
+    r"(?P<usable_blocks>\d+) blocks, against (?P<fit_full_length>\d+) full-length "
+    r"\((?P<max_model_len>\d+)-token\) ones"
 )
 
 
@@ -326,7 +327,7 @@ def parse_startup_line(log_text: str) -> dict[str, Any] | None:
     if match is None:
         return None
     return {
-        key: value if key in ("policy", "prompt") else int(value)
+        key: value if key in ("policy", "prompt", "prompt_blocks") else int(value)
         for key, value in match.groupdict().items()
     }
 

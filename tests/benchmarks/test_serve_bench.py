@@ -156,9 +156,10 @@ def test_bench_command_flags_exist_in_vllm() -> None:
 
 STARTUP = (
     "(Worker pid=1) INFO 12-02 03:53:42 [runner_mixin.py:101] crystal-vllm: policy "
-    "crystal-lite, budget 128 per (layer, KV head), prompt compress (prompt_budget 256); a "
-    "request holds at most 12 blocks of 32 tokens (its longest prompt and the largest "
-    "budget); 10 such requests fit in 127 blocks, against 3 full-length (1120-token) ones; "
+    "crystal-lite, budget 128 per (layer, KV head), prompt compress (prompt_budget 256; "
+    "prompt blocks private); a request holds at most 12 blocks of 32 tokens (its longest "
+    "prompt and the largest budget); 10 such requests fit in 127 blocks, against 3 "
+    "full-length (1120-token) ones; "
     "30 layers x 3 KV heads\n"
 )
 
@@ -169,6 +170,7 @@ def test_parse_startup_line() -> None:
         "budget": 128,
         "prompt": "compress",
         "prompt_budget": 256,
+        "prompt_blocks": "private",
         "cap_blocks": 12,
         "block_size": 32,
         "fit": 10,
