@@ -82,7 +82,8 @@ class SoakSettings:
             raise ValueError(f"prompt_mode {self.prompt_mode!r} is not one of {PROMPT_MODES}")
         if not 0 <= self.shared_prefix < self.max_prompt:
             raise ValueError(
-                f"shared_prefix {self.shared_prefix} must be in [0, {self.max_prompt - 1}]"
+                f"shared_prefix {self.shared_prefix} must be in [0, {self.max_prompt - 1}] "
+                f"(the longest prompt is {self.max_prompt} tokens)"
             )
 
 
@@ -471,20 +472,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_model_len <= 32:
         parser.error(f"--max-model-len {args.max_model_len} is invalid: it must be > 32")
-    max_prompt = min(400, args.max_model_len - 16)
-    if not 0 <= args.shared_prefix < max_prompt:
-        parser.error(
-            f"--shared-prefix {args.shared_prefix} is invalid: it must be in "
-            f"[0, {max_prompt - 1}] (the longest prompt is {max_prompt} tokens)"
-        )
+    try:
+        settings_from_args(args)
+    except ValueError as exc:  # SoakSettings names the value and its range
+        parser.error(str(exc))
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import tempfile
-
-    args = parse_args(argv)
-    settings = SoakSettings(
+def settings_from_args(args: argparse.Namespace) -> SoakSettings:
+    """The run's settings from parsed arguments (validated by :class:`SoakSettings`)."""
+    return SoakSettings(
         requests=args.requests,
         concurrency=args.concurrency,
         server_budget=args.kv_budget,
@@ -495,6 +492,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         prompt_mode=args.prompt_mode,
         shared_prefix=args.shared_prefix,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import tempfile
+
+    args = parse_args(argv)
+    settings = settings_from_args(args)
     model = resolve_model(args.model)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="soak-"))
     log_dir.mkdir(parents=True, exist_ok=True)

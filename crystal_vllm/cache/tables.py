@@ -216,9 +216,7 @@ class HeadBlockTables:
         self.granted[row, :count] = ids.to(torch.int32)
         self.num_granted[row] = self.num_borrowed[row] = count
         self.borrowers[ids] += 1
-        self.block_tables[row, :, :, :count] = (
-            self._all_head_blocks(ids).permute(1, 2, 0).to(torch.int32)
-        )
+        self.block_tables[row, :, :, :count] = self.vllm_layout(ids).to(torch.int32)
         self.num_head_blocks[row] = count
         self._after_mutation()
 
@@ -393,6 +391,11 @@ class HeadBlockTables:
         # Borrowed blocks whose writer still runs are among its own attached head-blocks.
         orphans = int(((self.borrowers > 0) & (self.block_owner < 0)).sum())
         return owned + orphans * self.layout.heads_per_block
+
+    def vllm_layout(self, blocks: torch.Tensor) -> torch.Tensor:
+        """``[L, H, n]`` head-block ids of vLLM blocks ``[n]`` in vLLM's own layout: head
+        ``(l, h)``'s ``j``-th head-block is ``(blocks[j], l, h)``."""
+        return self._all_head_blocks(blocks).permute(1, 2, 0)
 
     def held_head_blocks(self, rows: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """Head-blocks attached to the heads of each row, ``[b]``."""

@@ -760,12 +760,7 @@ class CompressedKVCache:
             if chunk.row in self._sealed or chunk.first + chunk.count < chunk.num_prompt:
                 continue
             full = chunk.num_prompt // bs
-            grants = self.tables.granted[chunk.row, :full].long()
-            layers = torch.arange(self.layout.num_layers, device=grants.device)
-            heads = torch.arange(self.layout.num_kv_heads, device=grants.device)
-            expected = self.layout.head_block_id(
-                grants.view(1, 1, -1), layers.view(-1, 1, 1), heads.view(1, -1, 1)
-            )
+            expected = self.tables.vllm_layout(self.tables.granted[chunk.row, :full].long())
             ids = self.tables.block_tables[chunk.row, :, :, :full].long()
             if not torch.equal(ids, expected):
                 raise AssertionError("a full prompt block is not where vLLM's layout puts it")
@@ -776,8 +771,7 @@ class CompressedKVCache:
 
     def _fingerprint(self, head_blocks: torch.Tensor) -> torch.Tensor:
         """Position-weighted byte sums of head-blocks (debug checks only)."""
-        data = self.kv_pool[head_blocks].flatten(1)
-        data = data.contiguous().view(torch.uint8).long()
+        data = self.kv_pool[head_blocks].flatten(1).view(torch.uint8).long()
         weights = torch.arange(1, data.shape[-1] + 1, device=data.device)
         return (data * weights).sum(dim=-1)
 

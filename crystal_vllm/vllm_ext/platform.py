@@ -58,17 +58,15 @@ def prompt_logprobs_refusal() -> str | None:
     return _prompt_logprobs_refusal
 
 
-def _refuse_prompt_logprobs(config: CrystalKVConfig, vllm_config) -> str | None:
+def _refuse_prompt_logprobs(policy: str, prompt: str | None, vllm_config) -> str | None:
     """A chunk after the first attends over what the earlier chunks kept: exact under
     prompt ``keep`` (nothing of the prompt is dropped), not under ``compress``/``evict``,
-    whose later prompt positions would get the compressed model's log-probs."""
-    if not config.enabled or not vllm_config.scheduler_config.enable_chunked_prefill:
-        return None
-    prompt = config.make_policy().config.prompt
-    if prompt == "keep":
+    whose later prompt positions would get the compressed model's log-probs. ``prompt``
+    is the policy's prompt mode (None without a policy)."""
+    if prompt in (None, "keep") or not vllm_config.scheduler_config.enable_chunked_prefill:
         return None
     return (
-        f"prompt_logprobs are not exact under --kv-policy {config.policy} with prompt mode "
+        f"prompt_logprobs are not exact under --kv-policy {policy} with prompt mode "
         f"{prompt!r} and chunked prefill (a later prompt chunk attends over the compressed "
         'prompt); start the server with --kv-policy-config \'{"prompt": "keep"}\' or '
         "--no-enable-chunked-prefill to get them"
@@ -307,6 +305,7 @@ class CrystalPlatformMixin:
     def check_and_update_config(cls, vllm_config) -> None:
         merged = merge_cli_values(dict(vllm_config.additional_config or {}))
         config = CrystalKVConfig.from_additional_config(merged)
+        prompt = config.make_policy().config.prompt if config.enabled else None
         if config.enabled:
             reasons = (
                 _unsupported_reasons(vllm_config)
@@ -322,11 +321,11 @@ class CrystalPlatformMixin:
                 token = resolve_think_end_token(vllm_config.model_config)
                 config = dataclasses.replace(config, think_end_token=token)
             vllm_config.additional_config = {**merged, **config.to_additional_config()}
-            cls._configure_for_compression(vllm_config)
+            cls._configure_for_compression(vllm_config, prompt)
         global _server_config, _prompt_logprobs_refusal
         _server_config = config
         super().check_and_update_config(vllm_config)
-        _prompt_logprobs_refusal = _refuse_prompt_logprobs(config, vllm_config)
+        _prompt_logprobs_refusal = _refuse_prompt_logprobs(config.policy, prompt, vllm_config)
         if config.enabled:
             cls._pick_block_size(vllm_config.cache_config)
 
@@ -356,14 +355,10 @@ class CrystalPlatformMixin:
             cache_config.block_size = size
 
     @classmethod
-    def _configure_for_compression(cls, vllm_config) -> None:
-        """Settings the per-head cache path relies on, each logged when it changes."""
+    def _configure_for_compression(cls, vllm_config, prompt: str) -> None:
+        """Settings the per-head cache path relies on, each logged when it changes;
+        ``prompt`` is the policy's prompt mode."""
         cache_config, scheduler_config = vllm_config.cache_config, vllm_config.scheduler_config
-        prompt = (
-            CrystalKVConfig.from_additional_config(vllm_config.additional_config)
-            .make_policy()
-            .config.prompt
-        )
         if cache_config.enable_prefix_caching:
             if prompt == "keep":
                 logger.info(

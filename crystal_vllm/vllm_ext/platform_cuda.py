@@ -64,7 +64,7 @@ class CrystalCudaPlatform(CrystalPlatformMixin, CudaPlatform):
     attention kernel)."""
 
     @classmethod
-    def _configure_for_compression(cls, vllm_config) -> None:
+    def _configure_for_compression(cls, vllm_config, prompt: str) -> None:
         parallel = vllm_config.parallel_config
         if parallel.worker_cls not in ("auto", CUDA_WORKER_CLS):
             raise ValueError(
@@ -73,7 +73,7 @@ class CrystalCudaPlatform(CrystalPlatformMixin, CudaPlatform):
             )
         # The shared settings pick the CPU worker for an "auto" worker; ours replaces it.
         parallel.worker_cls = "auto"
-        super()._configure_for_compression(vllm_config)
+        super()._configure_for_compression(vllm_config, prompt)
         parallel.worker_cls = CUDA_WORKER_CLS
         force_eager(vllm_config)
         require_v1_model_runner()

@@ -139,10 +139,9 @@ class CrystalRunnerMixin:
         logger.info(
             "crystal-vllm: policy %s, budget %d per (layer, KV head), prompt %s "
             "(prompt_budget %d; prompt blocks %s); a request holds at most %d blocks of %d "
-            "tokens (its longest "
-            "prompt and the largest budget); %d such requests fit in %d blocks, against %d "
-            "full-length (%d-token) ones; %d layers x %d KV heads (heads %d-%d of %d, "
-            "tensor-parallel rank %d of %d)",
+            "tokens (its longest prompt and the largest budget); %d such requests fit in %d "
+            "blocks, against %d full-length (%d-token) ones; %d layers x %d KV heads (heads "
+            "%d-%d of %d, tensor-parallel rank %d of %d)",
             self.crystal_config.policy,
             self.crystal_config.budget,
             policy_config.prompt,

@@ -153,7 +153,7 @@ def test_qualnames_resolve(platform_cuda) -> None:
 def test_compression_selects_the_cuda_worker_eager_and_v1(platform_cuda, tiny_model) -> None:
     cls = platform_cuda.CrystalCudaPlatform
     config = _config(tiny_model, kv_policy="crystal", kv_budget=64)
-    cls._configure_for_compression(config)
+    cls._configure_for_compression(config, "compress")
     assert config.parallel_config.worker_cls == platform_cuda.CUDA_WORKER_CLS
     assert config.model_config.enforce_eager
     assert config.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
@@ -161,7 +161,7 @@ def test_compression_selects_the_cuda_worker_eager_and_v1(platform_cuda, tiny_mo
     assert config.compilation_config.cudagraph_capture_sizes == []
     assert config.scheduler_config.scheduler_cls == crystal_platform.SCHEDULER_CLS
     assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
-    cls._configure_for_compression(config)  # idempotent: our own worker is accepted
+    cls._configure_for_compression(config, "compress")  # idempotent: our own worker is accepted
 
 
 def test_conflicting_settings_are_refused(
@@ -171,11 +171,11 @@ def test_conflicting_settings_are_refused(
     config = _config(tiny_model, kv_policy="crystal")
     config.parallel_config.worker_cls = "my.Worker"
     with pytest.raises(ValueError, match="CrystalGPUWorker.*my.Worker"):
-        cls._configure_for_compression(config)
+        cls._configure_for_compression(config, "compress")
     config = _config(tiny_model, kv_policy="crystal")
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(ValueError, match="V1 GPU model runner.*VLLM_USE_V2_MODEL_RUNNER=1"):
-        cls._configure_for_compression(config)
+        cls._configure_for_compression(config, "compress")
 
 
 def test_backend_selection_follows_the_policy(platform_cuda, tiny_model) -> None:
