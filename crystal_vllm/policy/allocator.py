@@ -292,14 +292,18 @@ def fit_growth(
     budgets: torch.Tensor,
     next_held: torch.Tensor,
     fixed: torch.Tensor,
+    targets: torch.Tensor,
     *,
     block_size: int,
     capacity: torch.Tensor,
 ) -> torch.Tensor:
     """``budgets [b, L, H]`` (from :func:`converge`) with the growth that would need more
     blocks than the request has held back: a head that would start a new block grows
-    only when a block is free. The heads above their targets keep shrinking meanwhile,
-    so a block frees within at most ``block_size`` steps."""
+    only when a block is free. Meanwhile every head of that request above its target
+    shrinks by one more per step, so that one of them frees a block within
+    ``block_size`` steps (otherwise a request whose blocks are exactly full would keep
+    its old split for ever: :func:`converge` shrinks the heads above their targets only
+    as fast as the others grow)."""
     b = budgets.shape[0]
     need = -torch.div(-(budgets + fixed).view(b, -1), block_size, rounding_mode="floor")
     excess = need.sum(-1) - capacity
@@ -309,4 +313,6 @@ def fit_growth(
     starts_block = (budgets.view(b, -1) > nh) & ((nh + fixed.view(b, -1)) % block_size == 0)
     rank = starts_block.long().cumsum(-1)
     hold = starts_block & (rank <= excess.clamp_min(0).unsqueeze(-1))
-    return torch.where(hold, nh, budgets.view(b, -1)).view_as(budgets)
+    fitted = torch.where(hold, nh, budgets.view(b, -1))
+    shrink = hold.any(-1, keepdim=True) & (fitted > targets.reshape(b, -1))
+    return (fitted - shrink.long()).view_as(budgets)

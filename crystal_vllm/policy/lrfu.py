@@ -252,7 +252,7 @@ class CrystalPolicy(LRFUPolicy):
         new_budgets = converge(next_held, targets)
         if capacity is not None:
             new_budgets = fit_growth(
-                new_budgets, next_held, fixed, block_size=block_size, capacity=capacity
+                new_budgets, next_held, fixed, targets, block_size=block_size, capacity=capacity
             )
         if not bool(due.any()) and torch.equal(new_budgets, budgets):
             return None

@@ -274,11 +274,39 @@ def test_fit_growth_holds_back_only_a_head_that_would_start_a_block() -> None:
     bs, fixed = 4, torch.zeros(1, 1, 3, dtype=torch.long)
     next_held = torch.tensor([[[4, 6, 3]]])  # head 0 sits at a block boundary
     budgets = torch.tensor([[[5, 7, 2]]])  # converge: heads 0 and 1 grow, head 2 gives one
+    targets = torch.tensor([[[6, 8, 2]]])
     capacity = torch.tensor([5])  # 1 + 2 + 1 used during the next step; 1 free
     assert torch.equal(
-        fit_growth(budgets, next_held, fixed, block_size=bs, capacity=capacity), budgets
+        fit_growth(budgets, next_held, fixed, targets, block_size=bs, capacity=capacity), budgets
     )
     capacity = torch.tensor([4])  # no free block: head 0 waits, head 1 grows inside its block
-    held_back = fit_growth(budgets, next_held, fixed, block_size=bs, capacity=capacity)
+    held_back = fit_growth(budgets, next_held, fixed, targets, block_size=bs, capacity=capacity)
     assert held_back.tolist() == [[[4, 7, 2]]]
     assert bool((_blocks(held_back, fixed, bs) <= capacity).all())
+    # A head above its target shrinks one more while another waits for a block.
+    targets = torch.tensor([[[6, 8, 1]]])
+    held_back = fit_growth(budgets, next_held, fixed, targets, block_size=bs, capacity=capacity)
+    assert held_back.tolist() == [[[4, 7, 1]]]
+
+
+@pytest.mark.parametrize("fixed_entries", [0, 64, 50])
+def test_budgets_reach_new_targets_when_the_blocks_are_exactly_full(fixed_entries: int) -> None:
+    """converge + fit_growth, stepped as the runtime steps them (a head keeps budget - 1
+    entries between steps), reach targets that move less than a block even when the
+    request's blocks are exactly full: the donor frees a block while the receiver waits.
+    Found in a replay of two heads at 255/256 entries (+64 prompt, blocks of 32, 20
+    blocks) whose targets 224/288 were never reached."""
+    bs = 32
+    fixed = torch.tensor([[[fixed_entries, fixed_entries]]])
+    held = torch.tensor([[[254, 255]]])
+    targets = torch.tensor([[[224, 288]]])
+    capacity = _blocks(held + 1, fixed, bs)
+    for _ in range(4 * bs):
+        budgets = converge(held + 1, targets)
+        budgets = fit_growth(budgets, held + 1, fixed, targets, block_size=bs, capacity=capacity)
+        assert bool((_blocks(budgets, fixed, bs) <= capacity).all())
+        assert int(budgets.sum()) <= int(targets.sum())
+        held = budgets - 1
+        if torch.equal(budgets, targets):
+            break
+    assert budgets.tolist() == targets.tolist()
