@@ -154,6 +154,13 @@ def run_totals(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def full_kv_peak(records: Sequence[dict[str, Any]]) -> float | None:
+    """Vanilla vLLM's peak KV entries per (layer, KV head), the mean over the requests of
+    prompt + generated tokens (full KV holds every token; it logs no peak of its own)."""
+    sizes = [r["prompt_tokens"] + r["completion_tokens"] for r in records if "prompt_tokens" in r]
+    return sum(sizes) / len(sizes) if sizes else None
+
+
 def relative_accuracy(accuracy: float, baseline: float | None) -> float:
     """``accuracy / baseline``; NaN without a baseline or when the baseline is 0."""
     if baseline is None or math.isnan(baseline) or baseline == 0 or math.isnan(accuracy):
@@ -323,7 +330,8 @@ def report(
         "that ran the case's problems (a resumed case adds up); peak KV entries per head: "
         "the mean over the case's requests of the most KV entries one (layer, KV head) "
         "held at once (prompt, generated and buffered entries, the step's new token "
-        "included), from the server's stats line: compare policies at equal peak",
+        "included), from the server's stats line (none: prompt + generated tokens): "
+        "compare policies at equal peak",
         *pol.policy_notes([(r["series"], r["policy"]) for r in rows], args.policy_config),
         "",
         table,
@@ -419,9 +427,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for case in args.cases:
         records = [logs[case].records[p.id] for p in problems if logs[case].done(p.id)]
-        summary = summarize(records)
+        summary, totals = summarize(records), run_totals(logs[case].runs)
         if case.policy == "none":
             baseline = summary["accuracy"]
+            totals["peak_entries"] = full_kv_peak(records)
         rows.append(
             {
                 "case": case.label,
@@ -430,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
                 "policy_config": args.policy_config.get(case.series),
                 "budget": case.budget,
                 **summary,
-                **run_totals(logs[case].runs),
+                **totals,
                 "run_log": str(logs[case].path),
             }
         )

@@ -228,10 +228,12 @@ def boundary_targets(
         -1, order, torch.arange(num_heads, device=device).expand_as(order)
     )
     get = get + ((rank < missing) & (get < room)).long()
-    # Units the cap turned away go back to their donors (never above what they had).
+    # Units the cap turned away go back to their donors, never above what each gave nor,
+    # for a donor that also received, above the cap.
     short = moved - get.sum(-1)
-    give = give - _take_from_largest(give.view(-1, num_heads), short.view(-1)).view_as(give)
-    return targets - give + get
+    returnable = torch.minimum(give, (cap - (targets - give + get)).clamp_min(0))
+    back = _take_from_largest(returnable.view(-1, num_heads), short.view(-1)).view_as(give)
+    return targets - give + get + back
 
 
 def fit_blocks(

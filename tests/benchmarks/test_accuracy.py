@@ -19,6 +19,7 @@ from benchmarks.accuracy import (
     relative_accuracy,
     run_case,
     run_log_path,
+    full_kv_peak,
     run_totals,
     server_args,
     summarize,
@@ -272,3 +273,12 @@ def test_smoke_serves_tiny_model_and_resumes(tmp_path: Path, capsys) -> None:
     main(argv)  # everything is in the run logs: no server starts
     assert "starting vllm serve" not in capsys.readouterr().out
     assert not (tmp_path / "logs" / "server_tiny_crystal.log").exists()
+
+
+def test_full_kv_peak_is_the_mean_of_prompt_plus_generated_tokens() -> None:
+    records = [
+        {"prompt_tokens": 60, "completion_tokens": 200},
+        {"prompt_tokens": 100, "completion_tokens": 40},
+    ]
+    assert full_kv_peak(records) == pytest.approx(200.0)
+    assert full_kv_peak([{"completion_tokens": 5}]) is None  # older records: no prompt size

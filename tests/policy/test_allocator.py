@@ -289,6 +289,22 @@ def test_fit_growth_holds_back_only_a_head_that_would_start_a_block() -> None:
     assert held_back.tolist() == [[[4, 7, 1]]]
 
 
+def test_boundary_targets_never_return_units_above_the_cap() -> None:
+    """A head that gives and receives in one round must not get back, with the units the
+    cap turned away, what it gave: that put a head two entries over its slots in a
+    64 x 2048 serving run (targets 66/446 with a 66-token prompt in 512 slots became
+    64/448, and the server failed with "all its 512 slots are live")."""
+    slots = 512
+    scores = torch.full((1, 1, 2, slots), torch.inf)
+    scores[0, 0, 0, :66] = 0.0  # the weak head: boundary 0, no weight as a receiver
+    scores[0, 0, 1, :446] = torch.linspace(1.0, 2.0, 446)  # the strong head, at the cap
+    targets = torch.tensor([[[66, 446]]])
+    new = boundary_targets(scores, targets, move=0.05, floor=51, max_per_head=446)
+    assert int(new.max()) <= 446
+    assert int(new.sum()) == int(targets.sum())
+    assert bool((new >= 51).all())
+
+
 @pytest.mark.parametrize("fixed_entries", [0, 64, 50])
 def test_budgets_reach_new_targets_when_the_blocks_are_exactly_full(fixed_entries: int) -> None:
     """converge + fit_growth, stepped as the runtime steps them (a head keeps budget - 1
