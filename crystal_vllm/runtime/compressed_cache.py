@@ -700,22 +700,21 @@ class CompressedKVCache:
             capacity=self._capacity[rows],
             counts=(counted, prompt_held),
         )
-        if change is None:
-            return
-        budgets, targets = change
-        self.stats.reallocations += int((targets != self.targets[rows]).flatten(1).any(1).sum())
-        # Only a head whose bound went down can have head-blocks to give back (while a
-        # request fills, every step raises its growing heads' budgets: nothing to compact).
-        shrunk = (budgets < self.budgets[rows]).flatten(1).any(dim=1)
-        self.budgets[rows], self.targets[rows] = budgets, targets
-        if not bool(shrunk.any()):
-            return
-        rows, budgets = rows[shrunk], budgets[shrunk]
-        counted, prompt_held = counted[shrunk], prompt_held[shrunk]
+        if change is not None:
+            budgets, targets = change
+            changed = (targets != self.targets[rows]).flatten(1).any(1)
+            self.stats.reallocations += int(changed.sum())
+            self.budgets[rows], self.targets[rows] = budgets, targets
         # A head keeps the head-blocks for what it holds in the next step before it evicts
-        # (its entries and the new token) and for its next bound.
-        resident = torch.maximum(counted + 1, self.policy.max_resident(budgets)) + prompt_held
-        self._compact(rows, -torch.div(-resident, self.layout.block_size, rounding_mode="floor"))
+        # (its entries and the new token) and for its next bound; the rest go back to the
+        # row. That is checked every step, not only when a budget shrinks: a head empties
+        # its last head-block one step after its budget crossed the block boundary, and
+        # the head that allocator.fit_growth let grow into that block needs it right then.
+        resident = torch.maximum(counted + 1, self.policy.max_resident(self.budgets[rows]))
+        keep = -torch.div(-(resident + prompt_held), self.layout.block_size, rounding_mode="floor")
+        surplus = (self.tables.num_head_blocks[rows].long() > keep).flatten(1).any(dim=1)
+        if bool(surplus.any()):
+            self._compact(rows[surplus], keep[surplus])
 
     def _compact(self, rows: torch.Tensor, keep_blocks: torch.Tensor) -> None:
         """Move entries out of surplus head-blocks and give those back to the row's pool."""
