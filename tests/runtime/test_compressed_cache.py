@@ -457,3 +457,38 @@ def test_chunk_attention_matches_the_dense_oracle(holes: str) -> None:
             torch.testing.assert_close(
                 out[t, h * G : (h + 1) * G].double(), expected, rtol=1e-5, atol=1e-5
             )
+
+
+def test_an_emptied_head_block_goes_back_to_the_row_when_no_budget_changes() -> None:
+    """A head that emptied its last head-block (its budget crossed the block boundary a
+    step earlier) gives it back at the next end_step even when no budget changes then:
+    another head may have been allowed to grow into it (allocator.fit_growth). Before,
+    head-blocks went back only in a step where a budget shrank, and a 64 x 2048 serving
+    run failed with PoolExhaustedError."""
+    torch.manual_seed(0)
+    budget, prompt = 2 * BS, 2 * BS - 1  # two head-blocks per head, the second one full
+    policy = make_policy("crystal", {"realloc_interval": 10_000, "prompt": "evict"})
+    cache = _cache_for(policy, 2, num_blocks=8, max_rows=1)
+    blocks = [1, 2]
+    cache.begin_step([StepRequest("r", prompt, 0, prompt, blocks, budget)])
+    for layer in range(L):
+        cache.attention(
+            layer,
+            torch.randn(prompt, H * G, D),
+            torch.randn(prompt, H, D),
+            torch.randn(prompt, H, D),
+        )
+    cache.end_step()
+    row = cache.rows_of(["r"])[0]
+    assert cache.tables.num_head_blocks[row].tolist() == [[2] * H] * L
+    # Head 0 of layer 0 is down to its first head-block's worth: a budget of BS whose
+    # evictions have already happened (its second head-block is empty now).
+    cache.state.valid[row, 0, 0, BS - 1 :] = False
+    cache.budgets[row, 0, 0] = cache.targets[row, 0, 0] = BS
+    cache.targets[row, 0, 1] = budget + BS  # its neighbour may grow into the freed block
+    cache.begin_step([StepRequest("r", 1, prompt, prompt, blocks, budget)])
+    for layer in range(L):
+        cache.attention(layer, torch.randn(1, H * G, D), torch.randn(1, H, D), torch.randn(1, H, D))
+    cache.end_step()
+    assert int(cache.tables.num_head_blocks[row, 0, 0]) == 1
+    assert int(cache.tables.pool_size[row]) >= 1
