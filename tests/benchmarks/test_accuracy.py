@@ -13,13 +13,13 @@ import pytest
 
 from benchmarks.accuracy import (
     Case,
+    full_kv_peak,
     group_by_policy,
     main,
     parse_case,
     relative_accuracy,
     run_case,
     run_log_path,
-    full_kv_peak,
     run_totals,
     server_args,
     summarize,
