@@ -711,7 +711,7 @@ class CompressedKVCache:
         # its last head-block one step after its budget crossed the block boundary, and
         # the head that allocator.fit_growth let grow into that block needs it right then.
         resident = torch.maximum(counted + 1, self.policy.max_resident(self.budgets[rows]))
-        keep = -torch.div(-(resident + prompt_held), self.layout.block_size, rounding_mode="floor")
+        keep = -torch.div(-(resident + prompt_held), layout.block_size, rounding_mode="floor")
         surplus = (self.tables.num_head_blocks[rows].long() > keep).flatten(1).any(dim=1)
         if bool(surplus.any()):
             self._compact(rows[surplus], keep[surplus])
