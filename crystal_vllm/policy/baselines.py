@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from crystal_vllm.policy.base import UNBOUNDED, KVPolicy, PolicyState
+from crystal_vllm.policy.base import UNBOUNDED, KeySource, KVPolicy, PolicyState
 from crystal_vllm.policy.configs import FullConfig, H2OConfig, RandomConfig, StreamingConfig
 from crystal_vllm.policy.select import masked_update, row_index, select_lowest
 
@@ -49,7 +49,7 @@ class FullPolicy(KVPolicy):
         state: PolicyState,
         rows: torch.Tensor,
         budgets: torch.Tensor,
-        keys: torch.Tensor | None,
+        keys: KeySource | None,
     ) -> torch.Tensor:
         ri = row_index(rows, state.num_rows)
         return torch.zeros_like(state.valid[ri])
@@ -75,7 +75,7 @@ class StreamingPolicy(KVPolicy):
         state: PolicyState,
         rows: torch.Tensor,
         budgets: torch.Tensor,
-        keys: torch.Tensor | None,
+        keys: KeySource | None,
     ) -> torch.Tensor:
         """Evict the oldest non-sink positions; sinks go last (only if the budget < sinks)."""
         ri = row_index(rows, state.num_rows)
@@ -136,7 +136,7 @@ class H2OPolicy(KVPolicy):
         state: H2OState,
         rows: torch.Tensor,
         budgets: torch.Tensor,
-        keys: torch.Tensor | None,
+        keys: KeySource | None,
     ) -> torch.Tensor:
         """Evict the lowest cumulative attention outside the recent half; ties: older first."""
         ri = row_index(rows, state.num_rows)
@@ -231,7 +231,7 @@ class RandomPolicy(KVPolicy):
         state: RandomState,
         rows: torch.Tensor,
         budgets: torch.Tensor,
-        keys: torch.Tensor | None,
+        keys: KeySource | None,
     ) -> torch.Tensor:
         ri = row_index(rows, state.num_rows)
         return _evict_lowest(state, rows, budgets, state.rank[ri], state.position[ri])

@@ -22,7 +22,7 @@ from crystal_vllm.policy.allocator import (
     fit_growth,
     head_floor,
 )
-from crystal_vllm.policy.base import KVPolicy, PolicyState
+from crystal_vllm.policy.base import KeySource, KVPolicy, PolicyState
 from crystal_vllm.policy.configs import CrystalConfig, LRFUConfig, LRUConfig
 from crystal_vllm.policy.select import recency_key, row_index, select_lowest
 from crystal_vllm.policy.topp import top_p_mask
@@ -137,7 +137,7 @@ class LRFUPolicy(KVPolicy):
         state: LRFUState,
         rows: torch.Tensor,
         budgets: torch.Tensor,
-        keys: torch.Tensor | None,
+        keys: KeySource | None,
     ) -> torch.Tensor:
         """Evict the lowest decayed CRF first; ties: older ``tau``, then older position."""
         ri = row_index(rows, state.num_rows)

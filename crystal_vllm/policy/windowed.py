@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from crystal_vllm.policy.base import KVPolicy, PolicyState
+from crystal_vllm.policy.base import KeySource, KVPolicy, PolicyState
 from crystal_vllm.policy.configs import RKVConfig, SnapKVConfig
 from crystal_vllm.policy.select import inverse_permutation, row_index, select_lowest
 
@@ -66,7 +66,7 @@ class SnapKVPolicy(KVPolicy):
         state: WindowState,
         rows: torch.Tensor,
         budgets: torch.Tensor,
-        keys: torch.Tensor | None,
+        keys: KeySource | None,
     ) -> torch.Tensor:
         """Compress heads holding ``>= budget + buffer`` entries down to their budget."""
         ri = row_index(rows, state.num_rows)
@@ -117,7 +117,7 @@ class SnapKVPolicy(KVPolicy):
         hi: torch.Tensor,
         valid: torch.Tensor,
         order: torch.Tensor,
-        keys: torch.Tensor | None,
+        keys: KeySource | None,
         bi: torch.Tensor,
     ) -> torch.Tensor:
         return self._importance(state, r, li, hi, valid, order)
@@ -148,7 +148,7 @@ class RKVPolicy(SnapKVPolicy):
         hi: torch.Tensor,
         valid: torch.Tensor,
         order: torch.Tensor,
-        keys: torch.Tensor | None,
+        keys: KeySource | None,
         bi: torch.Tensor,
     ) -> torch.Tensor:
         if keys is None:
