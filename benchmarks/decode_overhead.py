@@ -13,9 +13,21 @@ other jobs of a shared machine disturb far less than the wall clock (they still 
 caches and memory bandwidth). Cases alternate (``--rounds`` of A B A B ...), and the
 ratio to ``none`` is taken within each round, so slow drifts of the machine cancel.
 
-Example (the issue's setting):
+With ``--at-budget`` the question is the other one: what a step costs while a policy
+evicts, against vanilla at the context the policy holds. Every policy case (one shared
+budget B) generates B + ``--output-len`` tokens and is timed over its last
+``--output-len`` decode steps, where each head holds the prompt plus B entries and evicts
+one per step; ``none`` gets a prompt of ``--prompt-len`` + B tokens and is timed over
+its first ``--output-len`` decode steps, its context running from prompt + B to about
+prompt + B + ``--output-len``. A policy case that never evicts fails the run.
+
+Examples (the second is issue 12's "per-token cost at budget B close to vanilla's at a
+B-token context"):
     python benchmarks/decode_overhead.py --model smollm2 --cases none crystal:1024 \\
         --num-requests 8 --prompt-len 32 --output-len 256 --rounds 3
+    python benchmarks/decode_overhead.py --model smollm2 --dtype float32 --at-budget \\
+        --cases none crystal:128 crystal-lite:128 --num-requests 16 --prompt-len 64 \\
+        --output-len 32 --rounds 3
 """
 
 from __future__ import annotations
@@ -41,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rounds", type=cli.positive_int, default=3, help="times every case runs, alternating"
     )
+    parser.add_argument(
+        "--at-budget",
+        action="store_true",
+        help="time the policies while they evict, against none at the context they hold "
+        "(prompt + budget); the cases share one budget (see above)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="model dtype of every case (bfloat16)",
+    )
     cli.add_output_args(parser, "decode_overhead", worker=True)
     return parser
 
@@ -60,8 +84,11 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
         running.append(len(outputs))  # requests in the step
         er.report_progress()
     # Step 0 prefills every prompt; the last steps may run a partial batch. Keep the
-    # decode steps that ran the whole batch.
+    # decode steps that ran the whole batch (with --at-budget, the first or last `timed`).
     full = [i for i in range(1, len(wall)) if running[i] == spec["num_requests"]]
+    if "timed" in spec:
+        which, count = spec["timed"]
+        full = full[:count] if which == "first" else full[-count:]
     return {
         "decode_steps": len(full),
         "step_wall_ms": 1e3 * statistics.median(wall[i] for i in full),
@@ -77,25 +104,34 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     args = er.parse_or_work(build_parser(), argv, run_case)
-    model_dir, geometry, vocab_size = er.model_geometry(args.model)
-    seq_len = args.prompt_len + args.output_len
-    for policy, budget in args.cases:
-        if budget is not None and budget <= seq_len:
-            raise SystemExit(
-                f"case {er.case_label(policy, budget)}: the budget must exceed "
-                f"prompt + output = {seq_len} so that nothing is evicted"
-            )
+    model_dir, geometry, vocab_size = er.model_geometry(args.model, args.dtype)
+    held = _check_budgets(args)
+    seq_len = args.prompt_len + held + args.output_len + (1 if args.at_budget else 0)
     blocks_per_request = -(-seq_len // args.block_size) + 2
     kv_bytes = 2 * args.num_requests * blocks_per_request * geometry.block_bytes(args.block_size)
-    engine = er.engine_settings(seq_len, args.block_size, max(args.num_requests, 8))
+    engine = er.engine_settings(
+        seq_len, args.block_size, max(args.num_requests, 8), dtype=args.dtype
+    )
+    # Every prompt prefills in step 0, so every timed step runs the whole batch.
+    prompts = args.num_requests * (args.prompt_len + held)
+    engine["max_num_batched_tokens"] = max(engine["max_num_batched_tokens"], prompts)
     runs = []
     for round_index in range(args.rounds):
         for case in args.cases:
             name, label = er.case_label(*case), f"{er.case_label(*case)} (round {round_index + 1})"
             spec = er.case_spec(model_dir, case, args, vocab_size, engine=engine, kv_bytes=kv_bytes)
-            result = er.run_worker(Path(__file__), spec, label, total=args.output_len + 1)
-            if result["evictions"]:
+            if args.at_budget:  # see the module docstring
+                if case[0] == "none":  # a spare token: the prefill makes the first
+                    spec.update(timed=("first", args.output_len), output_len=args.output_len + 1)
+                    spec["prompt_len"] += held
+                else:
+                    spec.update(timed=("last", args.output_len), output_len=args.output_len + held)
+            steps = spec["output_len"] + 1
+            result = er.run_worker(Path(__file__), spec, label, total=steps)
+            if result["evictions"] and not args.at_budget:
                 raise SystemExit(f"{label} evicted {result['evictions']} entries: raise its budget")
+            if args.at_budget and case[0] != "none" and not result["evictions"]:
+                raise SystemExit(f"{label} never evicted: the prompt mode keeps everything?")
             runs.append({"case": name, "round": round_index + 1, **result})
 
     base = {r["round"]: r for r in runs if r["case"] == "none"}
@@ -114,11 +150,20 @@ def main(argv: list[str] | None = None) -> None:
             "wall_x_none": _median_or_none([r["wall_x_none"] for r in mine]),
         })  # fmt: skip
 
+    if args.at_budget:
+        shape = (
+            f"policies at budget {held}: {args.prompt_len} prompt + {held + args.output_len} "
+            f"generated tokens, timed over the last {args.output_len} steps (evicting); none: "
+            f"{args.prompt_len + held} prompt, timed over its first {args.output_len} steps"
+        )
+        title = f"Decode step time while evicting at budget {held}, vs none at that context"
+    else:
+        shape = f"({args.prompt_len} prompt + {args.output_len} generated) tokens, nothing evicted"
+        title = "Decode step time, nothing evicted"
     setting = (
-        f"model {model_dir.name}, {args.num_requests} requests x ({args.prompt_len} prompt + "
-        f"{args.output_len} generated) tokens, nothing evicted, eager, bf16, block size "
-        f"{args.block_size}, one OpenMP thread; {args.rounds} alternating rounds; median "
-        "over the decode steps that ran the whole batch"
+        f"model {model_dir.name}, {args.num_requests} requests x {shape}, eager, "
+        f"{args.dtype}, block size {args.block_size}, one OpenMP thread; {args.rounds} "
+        "alternating rounds; median over the timed decode steps that ran the whole batch"
     )
     headers = ["case", "step CPU ms", "x none (CPU)", "step wall ms", "x none (wall)"]
     rows = [
@@ -132,11 +177,31 @@ def main(argv: list[str] | None = None) -> None:
         for r in runs
     ]  # fmt: skip
     markdown = (
-        f"# Decode step time, nothing evicted\n\n{setting}\n\n"
+        f"# {title}\n\n{setting}\n\n"
         f"{markdown_table(headers, rows)}\n\nPer round:\n\n{markdown_table(run_headers, run_rows)}"
     )
     payload = {"setting": setting, "runs": runs, "summary": summary}
-    cli.publish(args, "decode_overhead", payload, markdown, _figure(summary))
+    cli.publish(args, "decode_overhead", payload, markdown, _figure(summary, title))
+
+
+def _check_budgets(args) -> int:
+    """The entries a policy holds beyond the prompt in the timed steps: 0 in the default
+    mode (whose budgets must exceed every sequence), the shared budget with --at-budget."""
+    budgets = {budget for policy, budget in args.cases if policy != "none"}
+    if args.at_budget:
+        if len(budgets) != 1 or None in budgets:
+            raise SystemExit(
+                f"--at-budget needs every policy case at one budget, got {sorted(budgets, key=str)}"
+            )
+        return budgets.pop()
+    seq_len = args.prompt_len + args.output_len
+    for policy, budget in args.cases:
+        if budget is not None and budget <= seq_len:
+            raise SystemExit(
+                f"case {er.case_label(policy, budget)}: the budget must exceed "
+                f"prompt + output = {seq_len} so that nothing is evicted"
+            )
+    return 0
 
 
 def _median_or_none(values: list[float | None]) -> float | None:
@@ -144,8 +209,8 @@ def _median_or_none(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def _figure(summary: list[dict[str, Any]]) -> Any:
-    fig, ax = cli.subplots("Decode step time, nothing evicted", figsize=(6, 3.5))
+def _figure(summary: list[dict[str, Any]], title: str) -> Any:
+    fig, ax = cli.subplots(title, figsize=(6, 3.5))
     labels = [s["case"] for s in summary]
     ax.bar(labels, [s["step_cpu_ms"] for s in summary], color="tab:blue", label="CPU time")
     ax.scatter(labels, [s["step_wall_ms"] for s in summary], color="black", zorder=3,
