@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--request-timeout", type=float, default=3600.0, help="seconds per request (3600)"
     )
+    parser.add_argument(
+        "--paired-with",
+        metavar="CASE",
+        help="the case every other one is compared with problem by problem (a label as "
+        "--cases prints it, e.g. crystal:128; default: the first case that is not none)",
+    )
     cli.add_output_args(parser, "accuracy_DATASET_MODEL")
     return parser
 
@@ -159,6 +165,24 @@ def full_kv_peak(records: Sequence[dict[str, Any]]) -> float | None:
     prompt + generated tokens (full KV holds every token; it logs no peak of its own)."""
     sizes = [r["prompt_tokens"] + r["completion_tokens"] for r in records if "prompt_tokens" in r]
     return sum(sizes) / len(sizes) if sizes else None
+
+
+def paired_comparison(reference: Sequence[bool], other: Sequence[bool]) -> dict[str, Any]:
+    """Two cases' answers to the same problems, paired: the problems only one of them
+    solved, and the exact two-sided sign test on those (McNemar's exact test), i.e. the
+    chance of a split at least this uneven if the two cases were equally good. Accuracy
+    gaps of a few points on a few hundred problems are often noise; this says which are."""
+    if len(reference) != len(other):
+        raise ValueError(f"paired answers differ in length: {len(reference)} vs {len(other)}")
+    only_reference = sum(a and not b for a, b in zip(reference, other, strict=True))
+    only_other = sum(b and not a for a, b in zip(reference, other, strict=True))
+    n = only_reference + only_other
+    tail = sum(math.comb(n, k) for k in range(min(only_reference, only_other) + 1))
+    return {
+        "only_reference": only_reference,
+        "only_case": only_other,
+        "sign_test_p": min(1.0, 2 * tail / 2**n) if n else 1.0,
+    }
 
 
 def relative_accuracy(accuracy: float, baseline: float | None) -> float:
@@ -313,6 +337,8 @@ def report(
         ("wall s", "wall_s"),
         ("evictions (server log)", "evictions"),
         ("peak KV entries per head", "peak_entries"),
+        ("solved only by the reference / only by this case", _paired_split),
+        ("sign test p", lambda row: _p_value(row.get("sign_test_p"))),
     ]
     table = record_table(rows, columns)
     lines = [
@@ -332,6 +358,9 @@ def report(
         "held at once (prompt, generated and buffered entries, the step's new token "
         "included), from the server's stats line (none: prompt + generated tokens): "
         "compare policies at equal peak",
+        f"- paired with {settings['paired_with']} (the reference), on the problems both "
+        "ran: the problems only one of the two solved, and the exact two-sided sign test "
+        "on them (the chance of a split at least this uneven between equally good cases)",
         *pol.policy_notes([(r["series"], r["policy"]) for r in rows], args.policy_config),
         "",
         table,
@@ -341,6 +370,7 @@ def report(
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    reference = _paired_reference(args)  # a bad --paired-with fails before any server starts
     problems = load_problems(args)
     if args.serve is not None and any(c.budget is None and c.policy != "none" for c in args.cases):
         raise SystemExit("--serve needs a budget for every policy case (e.g. crystal:256)")
@@ -445,6 +475,15 @@ def main(argv: list[str] | None = None) -> None:
         )
     for row in rows:
         row["relative_to_none"] = relative_accuracy(row["accuracy"], baseline)
+    for case, row in zip(args.cases, rows, strict=True):
+        if reference is None or case == reference:
+            continue
+        ids = [p.id for p in problems if logs[case].done(p.id) and logs[reference].done(p.id)]
+        paired = paired_comparison(
+            [bool(logs[reference].records[i]["correct"]) for i in ids],
+            [bool(logs[case].records[i]["correct"]) for i in ids],
+        )
+        row.update(paired)
 
     settings = {
         "dataset": args.dataset,
@@ -456,10 +495,35 @@ def main(argv: list[str] | None = None) -> None:
         "concurrency": args.concurrency,
         "system_prompt": SYSTEM_PROMPT,
         "servers": servers,
+        "paired_with": reference.label if reference else None,
     }
     markdown = report(rows, settings, args)
     payload = {"settings": settings, "cases": rows}
     cli.publish(args, f"accuracy_{args.dataset}_{slug}", payload, markdown, plot(rows, settings))
+
+
+def _paired_split(row: dict[str, Any]) -> str | None:
+    if "only_reference" not in row:
+        return None
+    return f"{row['only_reference']} / {row['only_case']}"
+
+
+def _p_value(p: float | None) -> str | None:
+    return None if p is None else f"{p:.2g}"
+
+
+def _paired_reference(args: argparse.Namespace) -> Case | None:
+    """The case of ``--paired-with`` (default: the first policy case); None when there is
+    no other case to pair it with."""
+    if args.paired_with is None:
+        reference = next((c for c in args.cases if c.policy != "none"), None)
+    else:
+        matches = [c for c in args.cases if c.label == args.paired_with]
+        if not matches:
+            labels = ", ".join(c.label for c in args.cases)
+            raise SystemExit(f"--paired-with {args.paired_with!r} is not a case: {labels}")
+        reference = matches[0]
+    return reference if len(args.cases) > 1 else None
 
 
 if __name__ == "__main__":

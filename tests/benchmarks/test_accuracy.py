@@ -16,8 +16,10 @@ from benchmarks.accuracy import (
     full_kv_peak,
     group_by_policy,
     main,
+    paired_comparison,
     parse_case,
     relative_accuracy,
+    report,
     run_case,
     run_log_path,
     run_totals,
@@ -282,3 +284,60 @@ def test_full_kv_peak_is_the_mean_of_prompt_plus_generated_tokens() -> None:
     ]
     assert full_kv_peak(records) == pytest.approx(200.0)
     assert full_kv_peak([{"completion_tokens": 5}]) is None  # older records: no prompt size
+
+
+def _sign_test_oracle(a: int, b: int) -> float:
+    """Two-sided binomial test at 1/2 by its definition: the probability of every split of
+    the a + b discordant problems no more likely than the one observed."""
+    n = a + b
+    pmf = [math.comb(n, k) / 2**n for k in range(n + 1)]
+    return min(1.0, sum(q for q in pmf if q <= pmf[a] * (1 + 1e-12)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_paired_comparison_counts_the_discordant_problems_and_matches_the_sign_test(seed):
+    import random
+
+    rng = random.Random(seed)
+    n = rng.randint(1, 80)
+    reference = [rng.random() < 0.4 for _ in range(n)]
+    other = [rng.random() < 0.25 for _ in range(n)]
+    got = paired_comparison(reference, other)
+    a = sum(r and not o for r, o in zip(reference, other, strict=True))
+    b = sum(o and not r for r, o in zip(reference, other, strict=True))
+    assert (got["only_reference"], got["only_case"]) == (a, b)
+    assert got["sign_test_p"] == pytest.approx(_sign_test_oracle(a, b), rel=1e-9)
+
+
+def test_paired_comparison_edge_cases() -> None:
+    assert paired_comparison([True, False], [True, False])["sign_test_p"] == 1.0
+    # 49 problems only the reference solved against 6: far from chance
+    lopsided = paired_comparison([True] * 49 + [False] * 6, [False] * 49 + [True] * 6)
+    assert lopsided["sign_test_p"] < 1e-8
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_comparison([True], [True, False])
+
+
+def test_report_shows_the_paired_split_against_the_reference() -> None:
+    base = {"problems": 300, "avg_completion_tokens": 270.0, "truncated": 4, "wall_s": 1.0,
+            "evictions": None, "peak_entries": 227.0, "relative_to_none": math.nan}  # fmt: skip
+    rows = [
+        {**base, "case": "crystal:128", "series": "crystal", "policy": "crystal",
+         "accuracy": 0.24},
+        {**base, "case": "random:128", "series": "random", "policy": "random",
+         "accuracy": 0.097, "only_reference": 49, "only_case": 6, "sign_test_p": 1.8e-9},
+    ]  # fmt: skip
+    settings = {"model": "m", "dataset": "gsm8k", "problems": 300, "servers": "s",
+                "paired_with": "crystal:128"}  # fmt: skip
+    args = SimpleNamespace(offset=300, max_tokens=512, temperature=0.0, concurrency=64,
+                           policy_config={})  # fmt: skip
+    markdown = report(rows, settings, args)
+    assert "paired with crystal:128" in markdown
+    assert "| random:128 | 300 | 0.097 |" in markdown and "| 49 / 6 | 1.8e-09 |" in markdown
+    assert markdown.splitlines()[-2].endswith("| n/a | n/a |")  # the reference's own row
+
+
+def test_an_unknown_paired_case_fails_before_anything_runs(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"--paired-with 'h2o:64' is not a case: none, crystal:64"):
+        main(["--base-url", "http://127.0.0.1:9", "--cases", "none", "crystal:64",
+              "--paired-with", "h2o:64", "--run-dir", str(tmp_path)])  # fmt: skip
