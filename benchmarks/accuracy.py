@@ -308,16 +308,27 @@ def group_by_policy(cases: Sequence[Case]) -> dict[str, list[Case]]:
 
 
 def plot(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> Any:
-    """Accuracy vs budget, one line per policy, a horizontal line for ``none``."""
+    """Accuracy against the measured peak KV entries per head (the fair x-axis: a
+    policy's budget says nothing of its buffer or kept prompt), or against the budget when
+    a policy case has no measured peak; one line per policy, a horizontal line for
+    ``none`` with its own peak marked."""
     title = (
         f"{settings['model']} on {settings['dataset']}: {settings['problems']} problems, "
         f"max {settings['max_tokens']} tokens, T={settings['temperature']}"
     )
     fig, ax = cli.subplots(title, figsize=(7, 4.5))
+    policies = [r for r in rows if r["policy"] != "none"]
+    by_peak = bool(policies) and all(r.get("peak_entries") is not None for r in policies)
     for row in rows:
         if row["policy"] == "none":
             ax.axhline(row["accuracy"], color="black", linestyle="--", label="none (full KV)")
-    pol.plot_by_budget(ax, rows, "series", "accuracy")
+            if by_peak and row.get("peak_entries") is not None:
+                ax.plot([row["peak_entries"]], [row["accuracy"]], "k*", markersize=9)
+    if by_peak:
+        xlabel = "peak KV entries per (layer, KV head), measured (prompt + buffer included)"
+        pol.plot_by_budget(ax, rows, "series", "accuracy", x="peak_entries", xlabel=xlabel)
+    else:
+        pol.plot_by_budget(ax, rows, "series", "accuracy")
     ax.set_ylabel("accuracy")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)

@@ -114,11 +114,19 @@ def policy_notes(
     return notes
 
 
-def plot_by_budget(ax: Any, rows: Sequence[dict[str, Any]], series: str, metric: str) -> None:
-    """One line of ``metric`` against the budget for each ``series`` value of the rows."""
-    rows = [r for r in rows if r["budget"] is not None]
+def plot_by_budget(
+    ax: Any,
+    rows: Sequence[dict[str, Any]],
+    series: str,
+    metric: str,
+    x: str = "budget",
+    xlabel: str = "KV budget (entries per layer and KV head)",
+) -> None:
+    """One line of ``metric`` against ``x`` (the budget, or e.g. the measured peak) for
+    each ``series`` value of the rows that have a policy budget and an ``x``."""
+    rows = [r for r in rows if r["budget"] is not None and r.get(x) is not None]
     for name in dict.fromkeys(r[series] for r in rows):
-        points = sorted((r["budget"], r[metric]) for r in rows if r[series] == name)
+        points = sorted((r[x], r[metric]) for r in rows if r[series] == name)
         ax.plot([b for b, _ in points], [v for _, v in points], marker="o", label=name)
-    ax.set_xlabel("KV budget (entries per layer and KV head)")
+    ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3)

@@ -18,6 +18,7 @@ from benchmarks.accuracy import (
     main,
     paired_comparison,
     parse_case,
+    plot,
     relative_accuracy,
     report,
     run_case,
@@ -341,3 +342,25 @@ def test_an_unknown_paired_case_fails_before_anything_runs(tmp_path: Path) -> No
     with pytest.raises(SystemExit, match=r"--paired-with 'h2o:64' is not a case: none, crystal:64"):
         main(["--base-url", "http://127.0.0.1:9", "--cases", "none", "crystal:64",
               "--paired-with", "h2o:64", "--run-dir", str(tmp_path)])  # fmt: skip
+
+
+def test_plot_puts_policies_at_their_measured_peak_and_falls_back_to_the_budget() -> None:
+    rows = [
+        {"policy": "none", "series": "none", "budget": None, "accuracy": 0.28,
+         "peak_entries": 379.0},
+        {"policy": "snapkv", "series": "snapkv-b64", "budget": 64, "accuracy": 0.2,
+         "peak_entries": 227.0},
+        {"policy": "crystal", "series": "crystal", "budget": 128, "accuracy": 0.24,
+         "peak_entries": 227.0},
+    ]  # fmt: skip
+    settings = {"model": "m", "dataset": "gsm8k", "problems": 3, "max_tokens": 8,
+                "temperature": 0.0}  # fmt: skip
+    ax = plot(rows, settings).axes[0]
+    assert "peak" in ax.get_xlabel()
+    xs = {line.get_label(): list(line.get_xdata()) for line in ax.get_lines()}
+    assert xs["snapkv-b64"] == [227.0] and xs["crystal"] == [227.0]
+    rows[1]["peak_entries"] = None  # one case without a measured peak: budgets for all
+    ax = plot(rows, settings).axes[0]
+    assert "budget" in ax.get_xlabel()
+    xs = {line.get_label(): list(line.get_xdata()) for line in ax.get_lines()}
+    assert xs["snapkv-b64"] == [64] and xs["crystal"] == [128]
