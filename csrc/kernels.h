@@ -92,6 +92,7 @@ struct LrfuArgs {
   float top_p;
   bool gqa_max;  // GQA reduction: max-then-renormalise (true) or mean (false)
   bool protect_prompt;  // prompt entries are never evicted and not counted in the budget
+  int64_t recent_window;  // decode entries born in the last min(this, budget) steps are kept
   bool avx2;  // the per-slot passes may use AVX2 (the op's ISA allows it)
 };
 

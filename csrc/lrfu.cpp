@@ -8,7 +8,8 @@
 //      position first) whose mass reaches top_p times the head's total;
 //   3. each hit not already rewarded at step t: crf = lam^(t - tau) * crf + 1, tau = t;
 //   4. evict the entries with the lowest decayed crf (ties: smaller tau, then smaller
-//      position) until the head holds max(budget, #entries born at t), never one born at t.
+//      position) until the head holds max(budget, #recent entries), never a recent one:
+//      one born at t, or a decode entry born in the last min(recent_window, budget) steps.
 // Everything is linear in the head's slots (expected): the nucleus is found by a
 // histogram of probability mass and a quickselect inside one bucket instead of a sort, and
 // lam^age comes from a per-thread table. The passes over the slots take no branch whose
@@ -205,8 +206,15 @@ struct HeadPass {
   float* score;  // eviction score; +inf for entries that may not be evicted
   int32_t* members;  // the valid slots of the boundary bucket, in slot order
   int64_t t;
+  int64_t recent_after;  // decode entries born after this step are recent (kept)
   bool protect;  // prompt entries are not counted in the budget and never evicted
 };
+
+// Whether the entry in slot s is recent: born at t, or a decode entry born after
+// recent_after (never evicted in this step).
+inline bool is_recent(const HeadPass& h, int64_t s) {
+  return (h.born[s] == h.t) | ((h.prompt[s] == 0) & (h.born[s] > h.recent_after));
+}
 
 // p[s] <- max(p[s], 0) + 0 (-0.0 ranks as 0.0) on valid slots, 0 elsewhere, and its bucket;
 // for slots [begin, end).
@@ -231,10 +239,10 @@ struct Decay {
   }
 };
 
-// Entries counted in the budget (n), those of them born at t, and the boundary bucket's.
+// Entries counted in the budget (n), the recent ones among them, and the boundary bucket's.
 struct Counts {
   int64_t n = 0;
-  int64_t born_now = 0;
+  int64_t recent = 0;
   int64_t members = 0;
 };
 
@@ -249,9 +257,9 @@ void update_range(const HeadPass& h, const Decay& decay, int boundary, int64_t b
   for (int64_t s = begin; s < end; ++s) {
     const bool live = h.valid[s];
     const bool counted = live & !(h.protect & (h.prompt[s] != 0));
-    const bool newborn = h.born[s] == t;
+    const bool newborn = is_recent(h, s);
     counts.n += counted;
-    counts.born_now += counted & newborn;
+    counts.recent += counted & newborn;
     const bool hit = live & (h.bucket[s] > boundary);
     const int64_t last = h.tau[s];
     const float decayed = h.crf[s] * decay(live ? t - last : 0);
@@ -317,7 +325,8 @@ __attribute__((target("avx2"))) void update_avx2(const HeadPass& h, const Decay&
   const __m256i above = _mm256_set1_epi64x(boundary);
   const __m256i zero = _mm256_setzero_si256();
   const __m128 one = _mm_set1_ps(1.0f), inf = _mm_set1_ps(kInf);
-  __m256i n = zero, born_now = zero;  // minus the counts, per lane
+  const __m256i after = _mm256_set1_epi64x(h.recent_after);
+  __m256i n = zero, recent = zero;  // minus the counts, per lane
   int64_t members = counts.members;
   int64_t s = 0;
   for (; s + 4 <= E; s += 4) {
@@ -332,11 +341,14 @@ __attribute__((target("avx2"))) void update_avx2(const HeadPass& h, const Decay&
       members = counts.members;
       continue;
     }
-    const __m256i counted = h.protect ? _mm256_andnot_si256(flags(h.prompt + s), live) : live;
+    const __m256i in_prompt = flags(h.prompt + s);
+    const __m256i counted = h.protect ? _mm256_andnot_si256(in_prompt, live) : live;
+    const __m256i born = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h.born + s));
     const __m256i newborn =
-        _mm256_cmpeq_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h.born + s)), t);
+        _mm256_or_si256(_mm256_cmpeq_epi64(born, t),
+                        _mm256_andnot_si256(in_prompt, _mm256_cmpgt_epi64(born, after)));
     n = _mm256_add_epi64(n, counted);
-    born_now = _mm256_add_epi64(born_now, _mm256_and_si256(counted, newborn));
+    recent = _mm256_add_epi64(recent, _mm256_and_si256(counted, newborn));
     const __m256i bucket =
         _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h.bucket + s)));
     const __m256i hit = _mm256_and_si256(live, _mm256_cmpgt_epi64(bucket, above));
@@ -359,8 +371,8 @@ __attribute__((target("avx2"))) void update_avx2(const HeadPass& h, const Decay&
   int64_t lanes[4];
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), n);
   counts.n -= lanes[0] + lanes[1] + lanes[2] + lanes[3];
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), born_now);
-  counts.born_now -= lanes[0] + lanes[1] + lanes[2] + lanes[3];
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), recent);
+  counts.recent -= lanes[0] + lanes[1] + lanes[2] + lanes[3];
   counts.members = members;
   update_range(h, decay, boundary, s, E, counts);
 }
@@ -411,7 +423,8 @@ void lrfu_observe_evict(const LrfuArgs& a, int64_t item, int64_t extent, const f
   int32_t* bucket = reinterpret_cast<int32_t*>(score + padded_words(S));
   int32_t* members = bucket + padded_words(S);
   Ranked* ranked = reinterpret_cast<Ranked*>(members + padded_words(S + 4));
-  const HeadPass pass{valid, prompt, born, crf, tau, p, bucket, score, members, t,
+  const int64_t window = std::max<int64_t>(1, std::min(a.recent_window, a.budgets[item]));
+  const HeadPass pass{valid, prompt, born, crf, tau, p, bucket, score, members, t, t - window,
                       a.protect_prompt};
 
   // With top_p >= 1 every valid entry is a hit (boundary -1, step 3) and the
@@ -499,7 +512,7 @@ void lrfu_observe_evict(const LrfuArgs& a, int64_t item, int64_t extent, const f
   update_range(pass, lam_pow, boundary, 0, E, counts);
 #endif
   auto candidate = [&](int64_t s) {
-    return valid[s] && born[s] != t && !(a.protect_prompt && prompt[s]);
+    return valid[s] && !is_recent(pass, s) && !(a.protect_prompt && prompt[s]);
   };
   if (counts.members > 0) {
     const int64_t m = counts.members;
@@ -514,9 +527,9 @@ void lrfu_observe_evict(const LrfuArgs& a, int64_t item, int64_t extent, const f
     }
   }
 
-  // 4. Evictions down to max(budget, #born at t), never an entry born at t: the lowest
-  // scores, ties by smaller tau, then smaller position.
-  const int64_t keep = std::max(a.budgets[item], counts.born_now);
+  // 4. Evictions down to max(budget, #recent), never a recent entry: the lowest scores,
+  // ties by smaller tau, then smaller position.
+  const int64_t keep = std::max(a.budgets[item], counts.recent);
   const int64_t excess = counts.n - keep;
   int32_t dropped = 0;
   auto drop = [&](int64_t s) {

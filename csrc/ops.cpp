@@ -246,8 +246,9 @@ std::tuple<at::Tensor, at::Tensor> lrfu_decode(
     const at::Tensor& budgets, const at::Tensor& valid, const at::Tensor& position,
     const at::Tensor& born, const at::Tensor& crf, const at::Tensor& tau,
     const at::Tensor& prompt, const at::Tensor& step, double scale, double lam, double top_p,
-    bool gqa_max, bool protect_prompt) {
+    bool gqa_max, bool protect_prompt, int64_t recent_window) {
   constexpr const char* op = "lrfu_decode";
+  TORCH_CHECK_VALUE(recent_window >= 1, op, ": recent_window must be >= 1, got ", recent_window);
   check_pool(kv_pool, op);
   TORCH_CHECK_VALUE(query.dim() == 3 && key.dim() == 3 && value.sizes() == key.sizes(), op,
                     ": query must be [b, Hq, D] and key, value [b, H, D], got ", query.sizes(),
@@ -345,6 +346,7 @@ std::tuple<at::Tensor, at::Tensor> lrfu_decode(
   lrfu.top_p = static_cast<float>(top_p);
   lrfu.gqa_max = gqa_max;
   lrfu.protect_prompt = protect_prompt;
+  lrfu.recent_window = recent_window;
   lrfu.avx2 = static_cast<Isa>(g_isa.load()) >= Isa::kAvx2;
 
   const DecodeKernel kernel = pick_kernel(d);
@@ -458,7 +460,8 @@ TORCH_LIBRARY(crystal_vllm, m) {
       "Tensor block_tables, Tensor rows, int layer, Tensor slots, Tensor positions, "
       "Tensor budgets, Tensor(b!) valid, Tensor(c!) position, Tensor(d!) born, "
       "Tensor(e!) crf, Tensor(f!) tau, Tensor(g!) prompt, Tensor step, float scale, "
-      "float lam, float top_p, bool gqa_max, bool protect_prompt) -> (Tensor, Tensor)");
+      "float lam, float top_p, bool gqa_max, bool protect_prompt, int recent_window) -> "
+      "(Tensor, Tensor)");
   m.def("first_free_slots(Tensor valid, Tensor rows) -> Tensor");
 }
 

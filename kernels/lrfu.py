@@ -171,6 +171,7 @@ def _lrfu_kernel(
     decay_high_ptr,
     err_ptr,
     top_p,
+    recent_window,
     num_kv_heads,
     num_slots,
     G: tl.constexpr,
@@ -240,13 +241,17 @@ def _lrfu_kernel(
 
     born = tl.load(born_ptr + entry, mask=inside, other=0).to(tl.int32)
     # Protected prompt entries are attended and rewarded, never counted nor evicted.
+    decoded = tl.load(prompt_ptr + entry, mask=inside, other=0) == 0
     counted = valid
     if PROTECT_PROMPT:
-        counted = valid & (tl.load(prompt_ptr + entry, mask=inside, other=0) == 0)
-    born_now = counted & (born == t)
+        counted = valid & decoded
     budget = tl.load(budget_ptr + i.to(tl.int64) * stride_bb + h * stride_bh)
-    keep = tl.maximum(budget, tl.sum(born_now.to(tl.int32)))
-    candidates = counted & ~born_now
+    # Recent (never evicted): born at t, or a decode entry of the last min(window, budget)
+    # steps.
+    window = tl.maximum(tl.minimum(budget, recent_window), 1).to(tl.int32)
+    recent = counted & ((born == t) | (decoded & (born > t - window)))
+    keep = tl.maximum(budget, tl.sum(recent.to(tl.int32)))
+    candidates = counted & ~recent
     excess = tl.sum(counted.to(tl.int32)) - keep
     excess = tl.minimum(tl.maximum(excess, 0), tl.sum(candidates.to(tl.int32)))
     victim = lowest_entries(score, tau, position, candidates, excess)
@@ -280,6 +285,7 @@ def lrfu_decode_step(
     top_p: float,
     gqa_max: bool,
     protect_prompt: bool,
+    recent_window: int = 1,
     errors: torch.Tensor,
     split_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,6 +357,7 @@ def lrfu_decode_step(
         decay_high,
         errors,
         float(top_p),
+        int(recent_window),
         num_kv_heads,
         num_slots,
         G=parts.group,

@@ -145,7 +145,7 @@ def first_free_slots(valid: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 #: A fused LRFU decode kernel:
-#: ``(step, state, *, lam, top_p, gqa_max, protect_prompt) -> (out, evicted)``.
+#: ``(step, state, *, lam, top_p, gqa_max, protect_prompt, recent_window) -> (out, evicted)``.
 FusedLRFUDecode = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -155,8 +155,10 @@ def fused_lrfu_decode(kv_pool: torch.Tensor) -> FusedLRFUDecode | None:
 
     The kernel runs a whole decode layer under LRFU scoring in one call: insert the new
     token, write its K/V, attend, GQA-reduce, record top-p hits, decay and evict (never a
-    prompt entry when ``protect_prompt``, nor counting them). Its signature:
-    ``kernel(step: DecodeLayer, state: LRFUTensors, *, lam, top_p, gqa_max, protect_prompt)``
+    prompt entry when ``protect_prompt``, nor counting them, and never a decode entry born
+    in the last ``min(recent_window, budget)`` steps). Its signature:
+    ``kernel(step: DecodeLayer, state: LRFUTensors, *, lam, top_p, gqa_max, protect_prompt,
+    recent_window)``
     returning ``out [b, Hq, D]`` and ``evicted [b, H]`` int32. It raises on inputs it does
     not implement instead of falling back.
     """

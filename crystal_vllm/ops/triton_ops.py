@@ -247,6 +247,7 @@ def lrfu_decode(
     top_p: float,
     gqa_max: bool,
     protect_prompt: bool,
+    recent_window: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole LRFU decode layer in three kernel launches; see
     :func:`crystal_vllm.ops.fused_lrfu_decode` (same results as the policy's generic step,
@@ -330,6 +331,7 @@ def lrfu_decode(
         top_p=top_p,
         gqa_max=gqa_max,
         protect_prompt=protect_prompt,
+        recent_window=recent_window,
         errors=errors,
         split_size=_split_size,
     )

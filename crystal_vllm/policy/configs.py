@@ -83,6 +83,10 @@ class LRFUConfig(PolicyConfig):
     # round of R-KV's harness the paper's lam sweep comes from), lam ** (1 / time_unit) per
     # step. With 1, lam 0.6 ranks exactly like LRU (docs/algorithm.md §4).
     time_unit: int = 1
+    # Entries born in the last `recent_window` decode steps are never evicted (at most a
+    # head's budget of them): 1 protects only the step's own token, as the paper does; a
+    # wider window keeps the newest reasoning whole while LRFU ranks the older entries.
+    recent_window: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,6 +96,7 @@ class LRFUConfig(PolicyConfig):
         _check_int("obs_window", self.obs_window, 0)
         _check_bool("hits_before_full", self.hits_before_full)
         _check_int("time_unit", self.time_unit, 1)
+        _check_int("recent_window", self.recent_window, 1)
 
     @property
     def step_decay(self) -> float:

@@ -90,6 +90,7 @@ class LRFUPolicy(KVPolicy):
             "top_p": config.top_p,
             "gqa_max": config.gqa_reduce == "max",
             "protect_prompt": self.keeps_prompt,
+            "recent_window": self.config.recent_window,
         }
 
     def decode_layer(
@@ -139,15 +140,25 @@ class LRFUPolicy(KVPolicy):
         budgets: torch.Tensor,
         keys: KeySource | None,
     ) -> torch.Tensor:
-        """Evict the lowest decayed CRF first; ties: older ``tau``, then older position."""
+        """Evict the lowest decayed CRF first; ties: older ``tau``, then older position.
+        Entries born in the head's recent window (:meth:`recent_window`) are never evicted."""
         ri = row_index(rows, state.num_rows)
         valid = state.valid[ri]
         t = state.step[ri].view(-1, 1, 1, 1)
-        born_now = valid & (state.born[ri] == t)
-        keep = torch.maximum(budgets, born_now.sum(-1))
+        window = self.recent_window(torch.as_tensor(budgets, device=valid.device))
+        born = state.born[ri]
+        after = t - window.unsqueeze(-1)
+        recent = valid & ((born == t) | (~state.prompt[ri] & (born > after)))
+        keep = torch.maximum(budgets, recent.sum(-1))
         excess = (valid.sum(-1) - keep).clamp_min(0)
         secondary = recency_key(state.tau[ri], state.position[ri])
-        return select_lowest(self.decayed_crf(state, rows), secondary, valid & ~born_now, excess)
+        return select_lowest(self.decayed_crf(state, rows), secondary, valid & ~recent, excess)
+
+    def recent_window(self, budgets: torch.Tensor) -> torch.Tensor:
+        """Steps whose decode entries a head never evicts: ``recent_window``, at most its
+        budget (so the window never holds a head above it) and at least 1 (the step's own
+        token, prompt entries included, as every policy keeps it)."""
+        return budgets.clamp(max=self.config.recent_window).clamp_min(1)
 
     def head_utilisation(self, state: LRFUState, rows: torch.Tensor) -> torch.Tensor:
         """Sum of the current decayed CRF over the entries counted against each budget."""

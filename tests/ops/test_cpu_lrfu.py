@@ -190,10 +190,21 @@ def test_matches_reference_over_random_steps(policy_name, h, g, d):
         {"top_p": 0.99, "lam": 1.0},
         {"gqa_reduce": "max"},
         {"lam": 0.6, "time_unit": 16},  # the kernel gets the per-step decay lam ** (1/16)
+        {"recent_window": 3},  # often wider than a random budget: clamped to it
+        {"recent_window": 2, "lam": 1.0},
     ],
 )
 def test_parameters_match_reference(params):
     assert _run("crystal-lite", params, 2, 2, 16, torch.float32, seed=7) <= 2
+
+
+@pytest.mark.parametrize("mode", ["keep", "evict"])
+def test_recent_window_with_prompt_entries_matches_reference(isa, mode):
+    """The window covers decode entries only: prompt entries (born at step 0, inside the
+    window for the first steps) stay evictable under ``evict``."""
+    params = {"prompt": mode, "recent_window": 6}
+    swaps = _run("crystal", params, 2, 2, 16, torch.float32, seed=13, prompt=3, max_blocks=8)
+    assert swaps <= 2
 
 
 @pytest.mark.parametrize("mode", ["keep", "evict"])
@@ -208,7 +219,14 @@ def test_half_pools_match_reference(dtype):
 
 
 @pytest.mark.parametrize(
-    "params", [{}, {"top_p": 1.0}, {"top_p": 0.5, "gqa_reduce": "max"}, {"prompt": "keep"}]
+    "params",
+    [
+        {},
+        {"top_p": 1.0},
+        {"top_p": 0.5, "gqa_reduce": "max"},
+        {"prompt": "keep"},
+        {"recent_window": 7},
+    ],
 )
 def test_every_isa_matches_reference_on_wide_heads(isa, params):
     """Heads of up to 96 slots: the vector bodies of the passes, their scalar tails, holes

@@ -620,6 +620,9 @@ class TestLRFUDecodeLayer:
             ("crystal", {"gqa_reduce": "max"}, 2, 4, 64, torch.float32, 16),
             ("crystal-lite", {"top_p": 1.0, "lam": 1.0}, 2, 1, 64, torch.float16, None),
             ("crystal-lite", {"top_p": 0.5, "lam": 0.5}, 1, 2, 128, torch.bfloat16, 16),
+            # the window (often wider than a head's random budget) and the prefilled
+            # entries (prompt entries: outside it)
+            ("crystal", {"recent_window": 3}, 2, 2, 64, torch.float32, None),
         ],
     )
     def test_matches_reference_over_random_steps(

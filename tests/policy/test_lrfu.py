@@ -166,3 +166,35 @@ def test_time_unit_decays_lam_once_per_unit() -> None:
         make_policy("crystal-lite", {"time_unit": 0})
     with pytest.raises(ValueError, match="unknown parameter 'time_unit'"):
         make_policy("lru", {"time_unit": 8})
+
+
+def _ignored_newcomers(recent_window: int, budget: int, steps: int = 8) -> list[int]:
+    """Positions a head keeps when attention only ever goes to its first two decode
+    entries and every later one is ignored."""
+    policy = make_policy(
+        "crystal-lite", {"prompt": "evict", "recent_window": recent_window, "obs_window": 0}
+    )
+    slots = budget + 2
+    state = policy.init_state(1, 1, 1, slots)
+    rows = torch.tensor([0])
+    for position in range(steps):
+        policy.begin_step(state, rows)
+        free = int((~state.valid[0, 0, 0]).nonzero()[0])
+        new = torch.zeros(1, 1, 1, slots, dtype=torch.bool)
+        new[..., free] = True
+        policy.insert(state, rows, new, torch.full((1, 1, 1, slots), position))
+        early = state.valid & (state.position < 2)
+        probs = early.float().repeat_interleave(2, dim=2)  # 2 query heads, on entries 0 and 1
+        policy.observe(state, rows, probs / probs.sum(-1, keepdim=True))
+        policy.remove(state, rows, policy.select_evictions(state, rows, torch.tensor([[[budget]]])))
+    return sorted(state.position[state.valid].tolist())
+
+
+def test_recent_window_keeps_the_newest_entries_attention_ignores() -> None:
+    """Window 1 (the paper): the attended entries stay and each newcomer goes at the next
+    step; a window of w keeps the w newest whatever their CRF, at most the budget."""
+    assert _ignored_newcomers(1, 3) == [0, 1, 7]
+    assert _ignored_newcomers(2, 3) == [0, 6, 7]  # the better of the two attended stays
+    assert _ignored_newcomers(5, 3) == [5, 6, 7]  # clamped to the budget
+    with pytest.raises(ValueError, match="recent_window must be an integer >= 1, got 0"):
+        make_policy("crystal", {"recent_window": 0})

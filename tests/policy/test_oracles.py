@@ -70,7 +70,15 @@ class Head:
     def select(self, budget: int, t: int) -> set[int] | None:
         """Victims, or None when the decision hinges on a float near-tie (rkv only)."""
         counted = self._counted()
-        born = [s for s in counted if self.entries[s]["born"] == t]
+        # Never evicted: born at t, or (LRFU's recent window, at most the budget, at least
+        # 1) a decode entry born in the last `recent_window` steps.
+        window = max(1, min(self.params.get("recent_window", 1), budget))
+        born = [
+            s
+            for s in counted
+            if self.entries[s]["born"] == t
+            or (not self.entries[s]["prompt"] and self.entries[s]["born"] > t - window)
+        ]
         cands = [s for s in counted if s not in born]
         excess = len(counted) - max(budget, len(born))
         cadence = self.policy in ("snapkv", "rkv")
@@ -217,7 +225,10 @@ CASES = [
     ("crystal", {"lam": 1.0, "top_p": 0.5, "obs_window": 3}),
     ("crystal", {"lam": 0.5, "top_p": 0.75, "prompt": "evict", "obs_window": 1}),
     ("crystal", {"lam": 0.5, "top_p": 0.75, "hits_before_full": False, "obs_window": 2}),
+    ("crystal", {"lam": 0.5, "top_p": 0.75, "recent_window": 2, "obs_window": 1}),
+    ("crystal", {"top_p": 0.75, "recent_window": 3, "prompt": "evict", "obs_window": 2}),
     ("crystal-lite", {"lam": 0.25, "top_p": 0.875, "obs_window": 2}),
+    ("crystal-lite", {"lam": 1.0, "top_p": 0.875, "recent_window": 9, "obs_window": 1}),
     ("lru", {"top_p": 0.5, "obs_window": 2}),
     ("streaming", {"sinks": 2}),
     ("streaming", {"sinks": 0}),
