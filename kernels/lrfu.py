@@ -285,7 +285,7 @@ def lrfu_decode_step(
     top_p: float,
     gqa_max: bool,
     protect_prompt: bool,
-    recent_window: int = 1,
+    recent_window: int,
     errors: torch.Tensor,
     split_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:

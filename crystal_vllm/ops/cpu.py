@@ -130,7 +130,7 @@ def lrfu_decode(
     top_p: float,
     gqa_max: bool,
     protect_prompt: bool,
-    recent_window: int = 1,
+    recent_window: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole LRFU decode layer in one C++ call; see :func:`crystal_vllm.ops.fused_lrfu_decode`.
 

@@ -247,7 +247,7 @@ def lrfu_decode(
     top_p: float,
     gqa_max: bool,
     protect_prompt: bool,
-    recent_window: int = 1,
+    recent_window: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole LRFU decode layer in three kernel launches; see
     :func:`crystal_vllm.ops.fused_lrfu_decode` (same results as the policy's generic step,

@@ -283,7 +283,9 @@ def test_unserved_configurations_run_the_generic_step(monkeypatch):
         0.25,
     )
     with pytest.raises(ValueError, match="C\\+\\+ kernel takes a CPU pool"):
-        cpu.lrfu_decode(step, sc.state, lam=0.5, top_p=0.9, gqa_max=False, protect_prompt=False)
+        cpu.lrfu_decode(
+            step, sc.state, lam=0.5, top_p=0.9, gqa_max=False, protect_prompt=False, recent_window=1
+        )
 
 
 def test_bad_rows_are_rejected_before_any_write():

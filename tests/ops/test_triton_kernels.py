@@ -174,6 +174,7 @@ def test_kernels_compile_for_cuda_without_spilling(monkeypatch: pytest.MonkeyPat
         top_p=0.9,
         gqa_max=False,
         protect_prompt=True,  # the default prompt mode, keep
+        recent_window=1,
         errors=errors,
     )
     assert set(compiled) == {"_partial_kernel", "_combine_kernel", "_write_kernel", "_lrfu_kernel"}
