@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--serve",
         metavar="MODEL",
         help="start one local `vllm serve` per policy: a bundled model name "
-        "(smollm2, qwen2.5-coder-0.5b, tiny) or an HF folder",
+        f"({cli.BUNDLED_MODELS}) or an HF folder",
     )
     parser.add_argument(
         "--model-name",

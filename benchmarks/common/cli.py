@@ -9,6 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common.results import write_results
+from crystal_vllm.models import MODEL_NAMES, prepare_model
+
+# The models `--model`/`--serve` accept by name (built on first use by prepare_model).
+BUNDLED_MODELS = ", ".join(MODEL_NAMES)
 
 
 def script_parser(doc: str) -> argparse.ArgumentParser:
@@ -56,8 +60,7 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default="smollm2",
-        help="bundled model name (smollm2, qwen2.5-coder-0.5b, tiny) or an HF folder "
-        "(default: smollm2)",
+        help=f"bundled model name ({BUNDLED_MODELS}) or an HF folder (default: smollm2)",
     )
 
 
@@ -78,8 +81,6 @@ def add_output_args(parser: argparse.ArgumentParser, name: str, worker: bool = F
 
 def resolve_model(name: str, dtype: str = "bfloat16") -> Path:
     """A bundled model's folder (built on first use), else ``name`` as a folder."""
-    from crystal_vllm.models import MODEL_NAMES, prepare_model
-
     return prepare_model(name, dtype=dtype) if name in MODEL_NAMES else Path(name)
 
 
