@@ -145,7 +145,7 @@ class LRFUPolicy(KVPolicy):
         ri = row_index(rows, state.num_rows)
         valid = state.valid[ri]
         t = state.step[ri].view(-1, 1, 1, 1)
-        window = self.recent_window(torch.as_tensor(budgets, device=valid.device))
+        window = self.recent_window(budgets)
         born = state.born[ri]
         after = t - window.unsqueeze(-1)
         recent = valid & ((born == t) | (~state.prompt[ri] & (born > after)))
