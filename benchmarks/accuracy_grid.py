@@ -2,7 +2,8 @@
 
 Each ``benchmarks/accuracy.py`` run compares a few cases at one memory point. This
 script reads the result JSON of several such runs (same model, dataset, problems and
-generation settings; it refuses files that differ), groups the policy cases whose
+generation settings; it refuses files that differ; a case in several files is taken
+from the last), groups the policy cases whose
 measured peak KV entries per (layer, KV head) agree within ``--peak-tolerance``, and
 writes one table (a row per policy, a column per peak, the best case of each column in
 bold, and crystal's margin over the best baseline) and one plot (accuracy against the
@@ -42,7 +43,7 @@ REFERENCE_POLICY = "crystal"
 
 
 class GridError(ValueError):
-    """Result files that cannot be merged (different settings, conflicting cases)."""
+    """Result files that cannot be merged (different settings, not accuracy results)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,15 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_runs(paths: Sequence[Path]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The shared settings and the cases of every file, each case once (by its label).
+def load_runs(
+    paths: Sequence[Path],
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[str]]:
+    """The shared settings, the cases of every file (each label once) and a line for each
+    case a later file replaced.
 
-    A case label found in two files must report the same number of correct answers (the
-    same per-problem records), else the files disagree and :class:`GridError` says where.
+    A label found in several files is taken from the last one that has it (a rerun, e.g.
+    after a fix, is listed after the run it supersedes); when the two differ in correct
+    answers the replacement is reported, so a table never mixes them silently.
     """
     settings: dict[str, Any] | None = None
     first_file: Path | None = None
     cases: dict[str, dict[str, Any]] = {}
+    replaced: list[str] = []
     for path in paths:
         data = json.loads(path.read_text())
         if "settings" not in data or "cases" not in data:
@@ -88,15 +94,14 @@ def load_runs(paths: Sequence[Path]) -> tuple[dict[str, Any], list[dict[str, Any
                 )
         for case in data["cases"]:
             seen = cases.get(case["case"])
-            if seen is None:
-                cases[case["case"]] = {**case, "source": path.name}
-            elif seen["correct"] != case["correct"]:
-                raise GridError(
-                    f"case {case['case']!r} has {case['correct']} correct in {path.name} but "
-                    f"{seen['correct']} in {seen['source']}"
+            if seen is not None and seen["correct"] != case["correct"]:
+                replaced.append(
+                    f"{case['case']}: {case['correct']} correct from {path.name} replace "
+                    f"{seen['correct']} from {seen['source']}"
                 )
+            cases[case["case"]] = {**case, "source": path.name}
     assert settings is not None  # argparse requires at least one file
-    return settings, list(cases.values())
+    return settings, list(cases.values()), replaced
 
 
 def peak_columns(cases: Sequence[dict[str, Any]], tolerance: float) -> list[list[dict[str, Any]]]:
@@ -168,6 +173,7 @@ def report(
     cases: Sequence[dict[str, Any]],
     columns: Sequence[Sequence[dict[str, Any]]],
     sources: Sequence[Path],
+    replaced: Sequence[str] = (),
 ) -> str:
     from benchmarks.common.results import markdown_table
 
@@ -188,6 +194,7 @@ def report(
             if c.get("peak_entries") is not None
         ),
         "- merged from: " + ", ".join(p.name for p in sources),
+        *(f"- rerun (the later file wins): {line}" for line in replaced),
         "",
         markdown_table(headers, grid_rows(columns)),
     ]
@@ -218,7 +225,7 @@ def plot(settings: dict[str, Any], cases: Sequence[dict[str, Any]]) -> Any:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        settings, cases = load_runs(args.results)
+        settings, cases, replaced = load_runs(args.results)
         columns = peak_columns(cases, args.peak_tolerance)
     except GridError as exc:
         sys.exit(f"accuracy_grid: {exc}")
@@ -226,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": settings,
         "sources": [str(p) for p in args.results],
         "peak_tolerance": args.peak_tolerance,
+        "replaced": replaced,
         "columns": [
             {
                 "peak": column_peak(col),
@@ -236,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         ],
         "cases": cases,
     }
-    markdown = report(settings, cases, columns, args.results)
+    markdown = report(settings, cases, columns, args.results, replaced)
     cli.publish(args, "accuracy_grid", payload, markdown, plot(settings, cases))
 
 

@@ -73,8 +73,9 @@ def two_runs(tmp_path: Path) -> list[Path]:
 
 
 def test_load_runs_merges_each_case_once(two_runs: list[Path]) -> None:
-    settings, cases = load_runs(two_runs)
+    settings, cases, replaced = load_runs(two_runs)
     assert settings["offset"] == 300
+    assert replaced == []  # "none" is in both files with the same records
     labels = [c["case"] for c in cases]
     assert labels.count("none") == 1
     assert set(labels) == {
@@ -99,10 +100,15 @@ def test_load_runs_refuses_different_settings(
         load_runs([*two_runs, odd])
 
 
-def test_load_runs_refuses_conflicting_case(two_runs: list[Path], tmp_path: Path) -> None:
-    other = _write(tmp_path / "c.json", [_case("crystal:128", "crystal", 0.3, 227.0)])
-    with pytest.raises(GridError, match="'crystal:128' has 90 correct in c.json but 72"):
-        load_runs([*two_runs, other])
+def test_a_later_run_replaces_a_case_and_says_so(two_runs: list[Path], tmp_path: Path) -> None:
+    rerun = _write(tmp_path / "c.json", [_case("crystal:128", "crystal", 0.3, 227.0)])
+    _, cases, replaced = load_runs([*two_runs, rerun])
+    (crystal,) = [c for c in cases if c["case"] == "crystal:128"]
+    assert crystal["accuracy"] == 0.3 and crystal["source"] == "c.json"
+    assert replaced == ["crystal:128: 90 correct from c.json replace 72 from a.json"]
+    # The same records again replace nothing worth reporting.
+    _, _, replaced = load_runs([*two_runs, two_runs[0]])
+    assert replaced == []
 
 
 def test_load_runs_refuses_other_json(tmp_path: Path) -> None:
@@ -113,7 +119,7 @@ def test_load_runs_refuses_other_json(tmp_path: Path) -> None:
 
 
 def test_peak_columns_group_within_tolerance(two_runs: list[Path]) -> None:
-    _, cases = load_runs(two_runs)
+    _, cases, _ = load_runs(two_runs)
     columns = peak_columns(cases, 0.03)
     assert [sorted(c["case"] for c in col) for col in columns] == [
         ["crystal:64", "h2o:64", "streaming:64"],
@@ -125,13 +131,13 @@ def test_peak_columns_group_within_tolerance(two_runs: list[Path]) -> None:
 
 @pytest.mark.parametrize("tolerance", [-0.1, 0.6])
 def test_peak_columns_refuse_bad_tolerance(two_runs: list[Path], tolerance: float) -> None:
-    _, cases = load_runs(two_runs)
+    _, cases, _ = load_runs(two_runs)
     with pytest.raises(GridError, match=r"must be in \[0, 0.5\]"):
         peak_columns(cases, tolerance)
 
 
 def test_grid_marks_best_and_reports_margin(two_runs: list[Path]) -> None:
-    _, cases = load_runs(two_runs)
+    _, cases, _ = load_runs(two_runs)
     columns = peak_columns(cases, 0.03)
     assert reference_margin(columns[0]) == pytest.approx(0.18 - 0.1766)
     assert reference_margin(columns[1]) == pytest.approx(0.24 - 0.25)
@@ -144,7 +150,7 @@ def test_grid_marks_best_and_reports_margin(two_runs: list[Path]) -> None:
 
 
 def test_margin_is_missing_without_both_sides(two_runs: list[Path]) -> None:
-    _, cases = load_runs(two_runs)
+    _, cases, _ = load_runs(two_runs)
     only_crystal = [c for c in cases if c["policy"] == "crystal"]
     assert reference_margin(only_crystal) is None
     assert grid_rows(peak_columns(only_crystal, 0.03))[-1][1:] == ["n/a", "n/a"]
@@ -157,6 +163,7 @@ def test_main_writes_grid(two_runs: list[Path], tmp_path: Path, capsys) -> None:
     payload = json.loads(json_path.read_text())
     assert [col["cases"][0] for col in payload["columns"]] == ["streaming:64", "rkv-b64:64"]
     assert payload["columns"][1]["reference_margin"] == pytest.approx(-0.01)
+    assert payload["replaced"] == []
     assert len(list(out.glob("*_grid.png"))) == 1
     assert "| crystal | **0.180** | 0.240 |" in capsys.readouterr().out
 
