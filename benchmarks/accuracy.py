@@ -307,10 +307,11 @@ def group_by_policy(cases: Sequence[Case]) -> dict[str, list[Case]]:
 # -- results ------------------------------------------------------------------------------
 
 
-def plot(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> Any:
+def plot(rows: Sequence[dict[str, Any]], settings: dict[str, Any], line: str = "series") -> Any:
     """Accuracy against the measured peak KV entries per head (the fair x-axis: a
     policy's budget says nothing of its buffer or kept prompt), or against the budget when
-    a policy case has no measured peak; one line per policy, a horizontal line for
+    a policy case has no measured peak; one line per value of ``line`` (a labelled policy,
+    or ``"policy"`` to join a policy's differently configured cases), a horizontal line for
     ``none`` with its own peak marked."""
     title = (
         f"{settings['model']} on {settings['dataset']}: {settings['problems']} problems, "
@@ -326,9 +327,9 @@ def plot(rows: Sequence[dict[str, Any]], settings: dict[str, Any]) -> Any:
                 ax.plot([row["peak_entries"]], [row["accuracy"]], "k*", markersize=9)
     if by_peak:
         xlabel = "peak KV entries per (layer, KV head), measured (prompt + buffer included)"
-        pol.plot_by_budget(ax, rows, "series", "accuracy", x="peak_entries", xlabel=xlabel)
+        pol.plot_by_budget(ax, rows, line, "accuracy", x="peak_entries", xlabel=xlabel)
     else:
-        pol.plot_by_budget(ax, rows, "series", "accuracy")
+        pol.plot_by_budget(ax, rows, line, "accuracy")
     ax.set_ylabel("accuracy")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)

@@ -3,14 +3,14 @@
 Each ``benchmarks/accuracy.py`` run compares a few cases at one memory point. This
 script reads the result JSON of several such runs (same model, dataset, problems and
 generation settings; it refuses files that differ; a case in several files is taken
-from the last), groups the policy cases whose
-measured peak KV entries per (layer, KV head) agree within ``--peak-tolerance``, and
-writes one table (a row per policy, a column per peak, the best case of each column in
-bold, and crystal's margin over the best baseline) and one plot (accuracy against the
-measured peak, a line per policy, full KV as a dashed line).
+from the last), groups the policy cases whose measured peak KV entries per (layer, KV
+head) agree within ``--peak-tolerance``, and writes one table (a row per policy, a column
+per peak, the best case of each column in bold, and crystal's margin over the best
+baseline) and one plot (accuracy against the measured peak, a line per policy, full KV
+as a dashed line).
 
     python benchmarks/accuracy_grid.py benchmarks/results/*_accuracy_gsm8k300-599_*.json \\
-        --name accuracy_gsm8k300-599_qwen0.5b_grid
+        --name accuracy_grid_gsm8k300-599_qwen0.5b
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.accuracy import plot  # noqa: E402
 from benchmarks.common import cli  # noqa: E402
-from benchmarks.common import policies as pol  # noqa: E402
+from benchmarks.common.results import markdown_table  # noqa: E402
 
 # Settings that must agree for two runs' accuracies to be comparable.
 SHARED_SETTINGS = (
@@ -141,7 +142,7 @@ def case_settings(case: dict[str, Any]) -> str:
 
 def grid_rows(columns: Sequence[Sequence[dict[str, Any]]]) -> list[list[str]]:
     """Markdown cells: a row per policy (reference first), the column's best in bold;
-    a cell holding two cases of one policy lists both with their labels."""
+    a cell holding two cases of one policy lists both with their settings."""
     policies = sorted(
         {c["policy"] for column in columns for c in column},
         key=lambda p: (p != REFERENCE_POLICY, p),
@@ -175,8 +176,6 @@ def report(
     sources: Sequence[Path],
     replaced: Sequence[str] = (),
 ) -> str:
-    from benchmarks.common.results import markdown_table
-
     headers = ["policy"] + [f"peak {column_peak(col):.0f}" for col in columns]
     full = [c for c in cases if c["policy"] == "none"]
     lines = [
@@ -199,27 +198,6 @@ def report(
         markdown_table(headers, grid_rows(columns)),
     ]
     return "\n".join(lines)
-
-
-def plot(settings: dict[str, Any], cases: Sequence[dict[str, Any]]) -> Any:
-    """Accuracy against the measured peak, a line per policy; full KV dashed."""
-    title = (
-        f"{settings['model']} on {settings['dataset']} ({settings['problems']} problems, "
-        f"offset {settings['offset']}): accuracy at equal peak KV memory"
-    )
-    fig, ax = cli.subplots(title, figsize=(8, 5))
-    for case in cases:
-        if case["policy"] == "none":
-            ax.axhline(case["accuracy"], color="black", linestyle="--", label="none (full KV)")
-            if case.get("peak_entries") is not None:
-                ax.plot([case["peak_entries"]], [case["accuracy"]], "k*", markersize=9)
-    policy_cases = [c for c in cases if c["policy"] != "none"]
-    xlabel = "peak KV entries per (layer, KV head), measured (prompt + buffer included)"
-    pol.plot_by_budget(ax, policy_cases, "policy", "accuracy", x="peak_entries", xlabel=xlabel)
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
-    return fig
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -245,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         "cases": cases,
     }
     markdown = report(settings, cases, columns, args.results, replaced)
-    cli.publish(args, "accuracy_grid", payload, markdown, plot(settings, cases))
+    cli.publish(args, "accuracy_grid", payload, markdown, plot(cases, settings, line="policy"))
 
 
 if __name__ == "__main__":
