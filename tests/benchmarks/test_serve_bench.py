@@ -244,8 +244,9 @@ def test_smoke(tmp_path: Path) -> None:
     sb.main(
         [
             "--model", "tiny", "--cases", "crystal:16", "--num-requests", "3",
-            "--prompt-len", "32", "--output-len", "64", "--kv-memory-tokens", "256",
-            "--poll-interval", "0.1", "--results-dir", str(tmp_path), "--name", "smoke",
+            # 160 tokens: long enough to be polled while running on a fast machine.
+            "--prompt-len", "32", "--output-len", "160", "--kv-memory-tokens", "256",
+            "--poll-interval", "0.05", "--results-dir", str(tmp_path), "--name", "smoke",
         ]
     )  # fmt: skip
     (path,) = tmp_path.glob("*_serve_bench_smoke.json")
@@ -253,7 +254,7 @@ def test_smoke(tmp_path: Path) -> None:
     record = json.loads(path.read_text())
     assert record["num_blocks"] == 8 and record["kv_memory_tokens"] == 256
     (case,) = record["cases"]
-    assert case["bench"]["completed"] == 3 and case["bench"]["total_output_tokens"] == 3 * 64
+    assert case["bench"]["completed"] == 3 and case["bench"]["total_output_tokens"] == 3 * 160
     assert case["reservation_blocks"] == 2  # 16 + 32 prompt entries
     assert case["memory_fit"] == 3 and case["ideal_running"] == 3
     assert case["startup_line"]["cap_blocks"] >= case["reservation_blocks"]

@@ -458,21 +458,23 @@ def test_http_smoke(tmp_path: Path) -> None:
         "3",
         "--prompt-len",
         "40",
+        # Long enough that /metrics is polled while requests run: 16 tokens took 0.1 s on
+        # a fast CI machine, between two polls.
         "--output-len",
-        "16",
+        "120",
         "--memory-requests",
         "2",
         "--poll-interval",
-        "0.1",
+        "0.05",
         # The 40-token prompts count in the budget, so budget 16 must evict.
         "--kv-policy-config",
         '{"prompt": "evict"}',
     ]
     (crystal,) = _run(argv, tmp_path)
-    assert crystal["mode"] == "http" and crystal["generated_tokens"] == 3 * 16
-    assert [r["tokens"] for r in crystal["requests"]] == [16] * 3
+    assert crystal["mode"] == "http" and crystal["generated_tokens"] == 3 * 120
+    assert [r["tokens"] for r in crystal["requests"]] == [120] * 3
     assert crystal["evictions"] > 0  # read from the server's log after the run
-    assert crystal["total_blocks"] == 4
+    assert crystal["total_blocks"] == 2 * 5  # 2 requests x ceil(160 / 32) blocks
     assert crystal["peak_running"] >= 1 and crystal["timeline"]
     assert 0 < crystal["ttft_median_s"] <= crystal["e2e_median_s"]
 

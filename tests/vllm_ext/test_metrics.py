@@ -199,21 +199,32 @@ def _counters_rise_while_a_small_budget_request_runs(base_url: str, model: str) 
     assert before["head_blocks_in_use"] == 0 and before["num_requests_compressed"] == 0
     client = OpenAI(base_url=f"{base_url}/v1", api_key="unused")
     seen: list[dict[str, float]] = []
+    done = threading.Event()
+
+    def scrape_until_done() -> None:
+        # Apart from the stream's consumer, so a fast server cannot finish between two
+        # scrapes that wait on chunk arrival (200 tokens took under 0.5 s on a CI machine).
+        while not done.is_set():
+            seen.append(_scrape(base_url))
+            time.sleep(0.05)
+
+    scraper = threading.Thread(target=scrape_until_done)
+    scraper.start()
     # A prompt longer than prompt_budget (256) is cut at prefill; then decode evicts.
     stream = client.completions.create(
         model=model,
         prompt=[10 + i % 50 for i in range(300)],  # token ids
-        max_tokens=200,
+        max_tokens=1200,
         temperature=0.0,
         stream=True,
         extra_body={"ignore_eos": True, "vllm_xargs": {"kv_budget": 8}},
     )
-    last = 0.0
-    for _chunk in stream:  # scrape now and then while it runs
-        if time.monotonic() - last > 0.2:
-            seen.append(_scrape(base_url))
-            last = time.monotonic()
+    for _chunk in stream:
+        pass
+    done.set()
+    scraper.join()
     running = seen[:-1]  # the last one may have been taken after the final token
+    assert len(running) >= 3, f"only {len(seen)} scrapes while 1200 tokens streamed"
     evicted = [s["evicted_entries_total"] for s in running]
     assert evicted == sorted(evicted), evicted
     assert len(set(evicted) - {0.0}) >= 2, f"no rise while the request ran: {evicted}"
@@ -249,7 +260,7 @@ def _worker_summary(base_url: str) -> dict:
 SERVER_ARGS = [
     "--enforce-eager",
     "--max-model-len",
-    "512",
+    "1600",
     "--kv-policy",
     "crystal",
     "--kv-budget",
