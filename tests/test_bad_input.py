@@ -26,6 +26,7 @@ BAD_POLICY_VALUES: dict[str, tuple[list, str]] = {
     "hits_before_full": (["maybe", 2, None], "true or false"),
     "time_unit": ([0, -2, 0.5, True, None], ">= 1"),
     "recent_window": ([0, -2, 1.5, True, None], ">= 1"),
+    "evict_interval": ([0, -1, 2.5, False, None], ">= 1"),
     "realloc_interval": ([0, -64, 6.4, True, None], ">= 1"),
     "realloc_rule": (["entropy", 1, None], "boundary, utilisation"),
     "realloc_move": ([0, -0.1, 1.5, "far", True, None], "(0, 1]"),

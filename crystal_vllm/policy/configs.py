@@ -87,6 +87,10 @@ class LRFUConfig(PolicyConfig):
     # head's budget of them): 1 protects only the step's own token, as the paper does; a
     # wider window keeps the newest reasoning whole while LRFU ranks the older entries.
     recent_window: int = 1
+    # Decode steps between a head's evictions: a head over its budget evicts down to
+    # `budget - evict_interval + 1`, then refills for `evict_interval - 1` steps, so it
+    # compresses once per interval at the same peak (R-KV's cadence; 1 = every step).
+    evict_interval: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,6 +101,7 @@ class LRFUConfig(PolicyConfig):
         _check_bool("hits_before_full", self.hits_before_full)
         _check_int("time_unit", self.time_unit, 1)
         _check_int("recent_window", self.recent_window, 1)
+        _check_int("evict_interval", self.evict_interval, 1)
 
     @property
     def step_decay(self) -> float:

@@ -81,9 +81,10 @@ class LRFUPolicy(KVPolicy):
 
     def kernel_params(self) -> dict[str, Any] | None:
         """The scalars the fused LRFU kernels take, or None when this configuration needs
-        something they do not implement (hits recorded only once a head is full)."""
+        something they do not implement (hits recorded only once a head is full, or
+        eviction in bursts)."""
         config = self.config
-        if not config.hits_before_full:
+        if not config.hits_before_full or config.evict_interval > 1:
             return None
         return {
             "lam": config.step_decay,
@@ -141,7 +142,9 @@ class LRFUPolicy(KVPolicy):
         keys: KeySource | None,
     ) -> torch.Tensor:
         """Evict the lowest decayed CRF first; ties: older ``tau``, then older position.
-        Entries born in the head's recent window (:meth:`recent_window`) are never evicted."""
+        Entries born in the head's recent window (:meth:`recent_window`) are never evicted.
+        A head over its budget keeps ``budget - evict_interval + 1`` (at least its recent
+        entries), so with ``evict_interval`` k it evicts once every k steps."""
         ri = row_index(rows, state.num_rows)
         valid = state.valid[ri]
         t = state.step[ri].view(-1, 1, 1, 1)
@@ -149,8 +152,11 @@ class LRFUPolicy(KVPolicy):
         born = state.born[ri]
         after = t - window.unsqueeze(-1)
         recent = valid & ((born == t) | (~state.prompt[ri] & (born > after)))
-        keep = torch.maximum(budgets, recent.sum(-1))
-        excess = (valid.sum(-1) - keep).clamp_min(0)
+        held, protected = valid.sum(-1), recent.sum(-1)
+        over = held > torch.maximum(budgets, protected)
+        burst = (budgets - (self.config.evict_interval - 1)).clamp_min(0)
+        keep = torch.maximum(torch.where(over, burst, budgets), protected)
+        excess = (held - keep).clamp_min(0)
         secondary = recency_key(state.tau[ri], state.position[ri])
         return select_lowest(self.decayed_crf(state, rows), secondary, valid & ~recent, excess)
 

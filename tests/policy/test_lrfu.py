@@ -198,3 +198,41 @@ def test_recent_window_keeps_the_newest_entries_attention_ignores() -> None:
     assert _ignored_newcomers(5, 3) == [5, 6, 7]  # clamped to the budget
     with pytest.raises(ValueError, match="recent_window must be an integer >= 1, got 0"):
         make_policy("crystal", {"recent_window": 0})
+
+
+def _held_per_step(evict_interval: int, budget: int, steps: int) -> tuple[list[int], int]:
+    """Counted entries one head holds after each step's selection, and the most it held
+    during a step (the new token included), with one new decode entry per step."""
+    policy = make_policy(
+        "crystal-lite", {"prompt": "evict", "evict_interval": evict_interval, "obs_window": 0}
+    )
+    slots = budget + 1
+    state = policy.init_state(1, 1, 1, slots)
+    rows = torch.tensor([0])
+    held, peak = [], 0
+    for position in range(steps):
+        policy.begin_step(state, rows)
+        free = int((~state.valid[0, 0, 0]).nonzero()[0])
+        new = torch.zeros(1, 1, 1, slots, dtype=torch.bool)
+        new[..., free] = True
+        policy.insert(state, rows, new, torch.full((1, 1, 1, slots), position))
+        peak = max(peak, int(state.valid.sum()))
+        probs = state.valid.float().repeat_interleave(2, dim=2)
+        policy.observe(state, rows, probs / probs.sum(-1, keepdim=True))
+        keep = policy.keep_between_steps(budget)
+        policy.remove(state, rows, policy.select_evictions(state, rows, torch.tensor([[[keep]]])))
+        held.append(int(state.valid.sum()))
+    return held, peak
+
+
+def test_evict_interval_compresses_in_bursts_at_the_same_peak() -> None:
+    """Interval 1 keeps a full head at budget - 1 between steps; interval k drops it to
+    budget - k once every k steps; neither ever holds more than the budget."""
+    held, peak = _held_per_step(1, 6, 12)
+    assert held == [1, 2, 3, 4, 5, 5, 5, 5, 5, 5, 5, 5] and peak == 6
+    held, peak = _held_per_step(3, 6, 12)
+    assert held == [1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 3] and peak == 6
+    assert make_policy("crystal", {"evict_interval": 4}).kernel_params() is None
+    assert make_policy("crystal", {}).kernel_params() is not None
+    with pytest.raises(ValueError, match="evict_interval must be an integer >= 1, got 0"):
+        make_policy("crystal-lite", {"evict_interval": 0})

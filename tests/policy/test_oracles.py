@@ -86,6 +86,10 @@ class Head:
             return set()
         if excess <= 0:
             return set()
+        if self.policy in ("crystal", "crystal-lite", "lru"):
+            # A head over its budget evicts in a burst, down to budget - interval + 1.
+            burst = max(budget - self.params.get("evict_interval", 1) + 1, 0)
+            excess = len(counted) - max(burst, len(born))
         order = sorted(cands, key=self._key(budget, t))
         if self.policy == "rkv":
             keys = [self._key(budget, t)(s) for s in order]
@@ -229,6 +233,8 @@ CASES = [
     ("crystal", {"top_p": 0.75, "recent_window": 3, "prompt": "evict", "obs_window": 2}),
     ("crystal-lite", {"lam": 0.25, "top_p": 0.875, "obs_window": 2}),
     ("crystal-lite", {"lam": 1.0, "top_p": 0.875, "recent_window": 9, "obs_window": 1}),
+    ("crystal-lite", {"lam": 0.5, "top_p": 0.75, "evict_interval": 3, "obs_window": 1}),
+    ("crystal", {"top_p": 0.75, "evict_interval": 2, "recent_window": 2, "obs_window": 2}),
     ("lru", {"top_p": 0.5, "obs_window": 2}),
     ("streaming", {"sinks": 2}),
     ("streaming", {"sinks": 0}),
