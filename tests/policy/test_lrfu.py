@@ -168,6 +168,15 @@ def test_time_unit_decays_lam_once_per_unit() -> None:
         make_policy("lru", {"time_unit": 8})
 
 
+def _insert_next(policy, state, rows: torch.Tensor, position: int) -> None:
+    """Begin a step and insert one decode entry at ``position`` into a one-head state."""
+    policy.begin_step(state, rows)
+    slots = state.num_slots
+    new = torch.zeros(1, 1, 1, slots, dtype=torch.bool)
+    new[..., int((~state.valid[0, 0, 0]).nonzero()[0])] = True
+    policy.insert(state, rows, new, torch.full((1, 1, 1, slots), position))
+
+
 def _ignored_newcomers(recent_window: int, budget: int, steps: int = 8) -> list[int]:
     """Positions a head keeps when attention only ever goes to its first two decode
     entries and every later one is ignored."""
@@ -178,11 +187,7 @@ def _ignored_newcomers(recent_window: int, budget: int, steps: int = 8) -> list[
     state = policy.init_state(1, 1, 1, slots)
     rows = torch.tensor([0])
     for position in range(steps):
-        policy.begin_step(state, rows)
-        free = int((~state.valid[0, 0, 0]).nonzero()[0])
-        new = torch.zeros(1, 1, 1, slots, dtype=torch.bool)
-        new[..., free] = True
-        policy.insert(state, rows, new, torch.full((1, 1, 1, slots), position))
+        _insert_next(policy, state, rows, position)
         early = state.valid & (state.position < 2)
         probs = early.float().repeat_interleave(2, dim=2)  # 2 query heads, on entries 0 and 1
         policy.observe(state, rows, probs / probs.sum(-1, keepdim=True))
@@ -211,11 +216,7 @@ def _held_per_step(evict_interval: int, budget: int, steps: int) -> tuple[list[i
     rows = torch.tensor([0])
     held, peak = [], 0
     for position in range(steps):
-        policy.begin_step(state, rows)
-        free = int((~state.valid[0, 0, 0]).nonzero()[0])
-        new = torch.zeros(1, 1, 1, slots, dtype=torch.bool)
-        new[..., free] = True
-        policy.insert(state, rows, new, torch.full((1, 1, 1, slots), position))
+        _insert_next(policy, state, rows, position)
         peak = max(peak, int(state.valid.sum()))
         probs = state.valid.float().repeat_interleave(2, dim=2)
         policy.observe(state, rows, probs / probs.sum(-1, keepdim=True))
