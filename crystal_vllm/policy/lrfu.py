@@ -213,7 +213,8 @@ class CrystalPolicy(LRFUPolicy):
         counts: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """New targets every ``realloc_interval`` steps of a row's own counter, once every
-        head of the row holds its target (before that, scores mean nothing), by
+        head of the row holds its target, or within ``evict_interval`` of it (before
+        that, scores mean nothing), by
         ``realloc_rule`` (:func:`~crystal_vllm.policy.allocator.boundary_targets` or the
         paper's Algorithm 2). Every step, the budgets then move the heads toward their
         targets without leaving budget unused
@@ -239,7 +240,9 @@ class CrystalPolicy(LRFUPolicy):
         next_held = held + 1
         targets = targets.clone()
         due = state.step[ri] % config.realloc_interval == 0
-        due &= (next_held >= targets).flatten(1).all(dim=1)
+        # A full head evicting in bursts holds between target - evict_interval + 1 and
+        # its target: within evict_interval of it counts as full.
+        due &= (next_held + config.evict_interval - 1 >= targets).flatten(1).all(dim=1)
         if bool(due.any()):
             b = rows.shape[0]
             cap = torch.as_tensor(max_per_head, device=targets.device).expand(b)[due]
