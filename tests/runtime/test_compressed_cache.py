@@ -347,7 +347,6 @@ def test_adaptive_budgets_move_without_leaving_budget_unused(prompt_mode: str, r
     assert cache.stats.reallocations > 0 and uneven
 
 
-
 def test_adaptive_budgets_reallocate_when_heads_evict_in_bursts() -> None:
     """crystal with ``evict_interval`` k: a full head cycles between budget - k + 1 and
     budget entries, so the allocator must count a head within k of its target as full
