@@ -299,6 +299,33 @@ def test_kept_entries_are_the_policy_librarys_choice(
         assert cache.stats.evictions > 0
 
 
+def _adaptive_request(policy, budget: int, prompt: int):
+    """A cache with one request "r" of ``prompt`` tokens prefilled, and a generator that
+    decodes ``steps`` more with peaked random attention (so that heads differ in what
+    they hit), yielding ``(position, row, counted entries per head)`` after each step.
+    The request gets no slack: adaptive budgets stay within its uniform head-blocks."""
+    cap = math.ceil((policy.max_resident(budget) + policy.prompt_kept(prompt)) / BS)
+    cache = _cache_for(policy, cap, num_blocks=64, max_rows=2)
+    blocks = list(range(1, 1 + cap))
+    cache.begin_step([StepRequest("r", prompt, 0, prompt, blocks, budget)])
+    for layer in range(L):
+        q = torch.randn(prompt, H * G, D) * 4
+        cache.attention(layer, q, torch.randn(prompt, H, D), torch.randn(prompt, H, D))
+    cache.end_step()
+
+    def decode(steps: int):
+        for pos in range(prompt, prompt + steps):
+            cache.begin_step([StepRequest("r", 1, pos, prompt, blocks, budget)])
+            for layer in range(L):
+                q, k, v = torch.randn(1, H * G, D) * 4, torch.randn(1, H, D), torch.randn(1, H, D)
+                cache.attention(layer, q, k, v)
+            cache.end_step()
+            row = torch.tensor([cache.rows_of(["r"])[0]])
+            yield pos, row, policy.counted(cache.state, row).sum(-1)[0]
+
+    return cache, decode
+
+
 @pytest.mark.parametrize("rule", REALLOC_RULES)
 @pytest.mark.parametrize("prompt_mode", ["evict", "keep"])
 def test_adaptive_budgets_move_without_leaving_budget_unused(prompt_mode: str, rule: str) -> None:
@@ -317,26 +344,9 @@ def test_adaptive_budgets_move_without_leaving_budget_unused(prompt_mode: str, r
         "realloc_move": 0.3,
     }
     policy = make_policy("crystal", params)
-    # No slack: adaptive budgets stay within the head-blocks of the uniform budget.
-    cap = math.ceil((policy.max_resident(budget) + policy.prompt_kept(prompt)) / BS)
-    cache = _cache_for(policy, cap, num_blocks=64, max_rows=2)
-    blocks = list(range(1, 1 + cap))
-    cache.begin_step([StepRequest("r", prompt, 0, prompt, blocks, budget)])
-    for layer in range(L):
-        # Peaked attention on a few positions, so that heads differ in what they hit.
-        q = torch.randn(prompt, H * G, D) * 4
-        cache.attention(layer, q, torch.randn(prompt, H, D), torch.randn(prompt, H, D))
-    cache.end_step()
+    cache, decode = _adaptive_request(policy, budget, prompt)
     uneven = filled = False
-    for pos in range(prompt, prompt + steps):
-        cache.begin_step([StepRequest("r", 1, pos, prompt, blocks, budget)])
-        for layer in range(L):
-            cache.attention(
-                layer, torch.randn(1, H * G, D) * 4, torch.randn(1, H, D), torch.randn(1, H, D)
-            )
-        cache.end_step()
-        row = torch.tensor([cache.rows_of(["r"])[0]])
-        counted = policy.counted(cache.state, row).sum(-1)[0]
+    for pos, row, counted in decode(steps):
         filled |= int(counted.sum()) == L * H * (budget - 1)
         if filled:
             assert int(counted.sum()) == L * H * (budget - 1), f"step {pos}: {counted.tolist()}"
@@ -353,38 +363,22 @@ def test_adaptive_budgets_reallocate_when_heads_evict_in_bursts() -> None:
     (otherwise it waits for every head to be at its peak at once, which bursts rarely
     line up to); the request never holds more than its total budget during a step."""
     torch.manual_seed(5)
-    budget, prompt, steps, interval = 6, 20, 80, 3
+    budget, prompt, steps, realloc_interval = 6, 20, 80, 4
     params = {
-        "realloc_interval": 4,
+        "realloc_interval": realloc_interval,
         "min_tokens": 1,
         "floor_ratio": 0.0,
         "prompt": "evict",
         "realloc_move": 0.3,
-        "evict_interval": interval,
+        "evict_interval": 3,
     }
     policy = make_policy("crystal", params)
-    cap = math.ceil((policy.max_resident(budget) + policy.prompt_kept(prompt)) / BS)
-    cache = _cache_for(policy, cap, num_blocks=64, max_rows=2)
-    blocks = list(range(1, 1 + cap))
-    cache.begin_step([StepRequest("r", prompt, 0, prompt, blocks, budget)])
-    for layer in range(L):
-        q = torch.randn(prompt, H * G, D) * 4
-        cache.attention(layer, q, torch.randn(prompt, H, D), torch.randn(prompt, H, D))
-    cache.end_step()
-    for pos in range(prompt, prompt + steps):
-        cache.begin_step([StepRequest("r", 1, pos, prompt, blocks, budget)])
-        for layer in range(L):
-            cache.attention(
-                layer, torch.randn(1, H * G, D) * 4, torch.randn(1, H, D), torch.randn(1, H, D)
-            )
-        cache.end_step()
-        row = torch.tensor([cache.rows_of(["r"])[0]])
-        counted = policy.counted(cache.state, row).sum(-1)[0]
+    cache, decode = _adaptive_request(policy, budget, prompt)
+    for pos, _, counted in decode(steps):
         # Between steps a head holds at most budget - 1 (its next token makes budget).
         assert int(counted.sum()) <= L * H * (budget - 1), f"step {pos}: {counted.tolist()}"
-    # Due every 4 steps; requiring every head at its peak at once let it run only once.
-    due_steps = steps // params["realloc_interval"]
-    assert cache.stats.reallocations > due_steps // 4, cache.stats
+    # Requiring every head at its peak at once let it run once in these 20 due steps.
+    assert cache.stats.reallocations > steps // realloc_interval // 4, cache.stats
 
 
 def _run_chunks(cache, req, chunks, q, k, v, prompt_len, blocks, budget):
