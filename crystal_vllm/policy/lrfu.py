@@ -241,8 +241,8 @@ class CrystalPolicy(LRFUPolicy):
         targets = targets.clone()
         due = state.step[ri] % config.realloc_interval == 0
         # A full head evicting in bursts holds between target - evict_interval + 1 and
-        # its target: within evict_interval of it counts as full.
-        due &= (next_held + config.evict_interval - 1 >= targets).flatten(1).all(dim=1)
+        # its target during a step: within evict_interval of it counts as full.
+        due &= (held + config.evict_interval >= targets).flatten(1).all(dim=1)
         if bool(due.any()):
             b = rows.shape[0]
             cap = torch.as_tensor(max_per_head, device=targets.device).expand(b)[due]
